@@ -1,0 +1,129 @@
+"""What every ESC network shares: the body, back-end selection, deploy and descriptor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import AttentionBackend, WindowAttention, make_backend
+from .blocks import Block
+from .config import ESCConfig, closest_variant
+
+
+@dataclass(frozen=True)
+class ModelDescriptor:
+    """What a caller needs to know to feed the model (in the spirit of spandrel's).
+
+    ``input_multiple``: inputs whose sides are multiples of it need no window padding
+    (any size works; other sizes pay for reflect padding). ``supports_half``: fp16
+    inference is numerically safe (LayerNorm statistics and softmax run in fp32).
+    ``tiling``: a tiled upscale equals the untiled one given enough overlap, which holds
+    away from attention-window effects; the toolkit's tiler documents the overlap.
+    """
+
+    variant: str
+    exact_variant: bool
+    arch: str
+    scale: int
+    window_size: int
+    input_multiple: int
+    min_size: int
+    supports_half: bool
+    tiling: bool
+    params: int
+    attention: str
+    deployed: bool
+
+
+class ESCBase(nn.Module):
+    """Shallow conv -> N blocks -> ``last`` + skip; subclasses add kernels and the tail."""
+
+    def __init__(self, config: ESCConfig, decomposed: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.scale = config.scale
+        self.proj = nn.Conv2d(3, config.dim, 3, padding=1)
+        self.blocks = nn.ModuleList([
+            Block(config.dim, config.pdim, config.conv_blocks, config.window_size, config.num_heads,
+                  config.exp_ratio, config.proj_ratio, config.use_lns, decomposed)
+            for _ in range(config.n_blocks)
+        ])
+        self.last = nn.Conv2d(config.dim, config.dim, 3, padding=1)
+        self.deployed = False
+        self.trained_params = 0
+
+    # -- subclass hooks -----------------------------------------------------------------
+    def large_kernels(self) -> tuple[torch.Tensor, ...]:
+        """The kernels every ConvAttn shares, as used at run time."""
+        raise NotImplementedError
+
+    def fold_large_kernels(self) -> None:
+        """Deploy-time fold of the large kernel(s); a no-op where nothing folds."""
+
+    # -- shared ---------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Deep features ``last(blocks(proj(x))) + proj(x)`` (before any tail)."""
+        feat = self.proj(x)
+        skip = feat
+        kernels = self.large_kernels()
+        for block in self.blocks:
+            feat = block(feat, *kernels)
+        return self.last(self.pre_last(feat)) + skip
+
+    def pre_last(self, feat: torch.Tensor) -> torch.Tensor:
+        return feat
+
+    def attention_modules(self) -> list[WindowAttention]:
+        return [block.attn for block in self.blocks]
+
+    def set_attention(self, backend: str | AttentionBackend, **options) -> "ESCBase":
+        """Use ``backend`` (``naive``, ``sdpa``, ``flex``, ``flashbias``, ``fused``) in every block.
+
+        Each block gets its own back-end instance so per-block state stays separate.
+        """
+        for attn in self.attention_modules():
+            attn.backend = make_backend(backend, **options) if isinstance(backend, str) else backend
+        return self
+
+    def num_params(self) -> int:
+        """Parameters as trained (before deploy folds remove the LayerNorm affines)."""
+        return self.trained_params if self.deployed else sum(p.numel() for p in self.parameters())
+
+    @property
+    def attention(self) -> str:
+        return self.attention_modules()[0].backend.name
+
+    @torch.no_grad()
+    def deploy(self, precompute_bias: bool = True) -> "ESCBase":
+        """Apply every exact deploy-time reparameterisation, once; returns ``self`` in eval mode.
+
+        1. the large kernel's geometric ensemble is folded into one kernel;
+        2. each LayerNorm affine is folded into the 1x1 convolution after it;
+        3. the dense attention bias is precomputed per block (below a size limit).
+        Each step is a separate function in :mod:`models.deploy`, tested on its own.
+        """
+        from . import deploy as folds
+
+        if not self.deployed:
+            self.trained_params = self.num_params()
+            folds.fold_large_kernels(self)
+            folds.fold_layernorm_affine(self)
+            self.deployed = True
+        if precompute_bias:
+            folds.precompute_attention_bias(self)
+        else:
+            for attn in self.attention_modules():
+                attn.drop_bias_cache()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    @property
+    def descriptor(self) -> ModelDescriptor:
+        name, exact = closest_variant(self.config)
+        return ModelDescriptor(
+            variant=name, exact_variant=exact, arch=self.config.arch, scale=self.scale,
+            window_size=self.config.window_size, input_multiple=self.config.window_size, min_size=1,
+            supports_half=True, tiling=True, params=self.num_params(),
+            attention=self.attention, deployed=self.deployed)

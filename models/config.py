@@ -1,0 +1,97 @@
+"""Hyper-parameters of the ESC family and the five published variants.
+
+An :class:`ESCConfig` is everything needed to build a network; the loader infers one
+from a checkpoint's keys and shapes, and :data:`VARIANTS` names the official ones.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from .errors import UnknownVariantError
+
+Arch = Literal["esc", "esc_fp", "esc_real"]
+
+
+@dataclass(frozen=True)
+class ESCConfig:
+    """What the network looks like; the field names follow upstream's constructors."""
+
+    arch: Arch
+    scale: int
+    dim: int
+    pdim: int = 16
+    kernel_size: int = 13
+    n_blocks: int = 5
+    conv_blocks: int = 5
+    window_size: int = 32
+    num_heads: int = 4
+    exp_ratio: float = 1.25
+    proj_ratio: float = 2.0
+    use_lns: bool = False
+    use_ln_last: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A published variant: its config (less the scale), scales and paper figures."""
+
+    name: str
+    title: str
+    config: ESCConfig
+    scales: tuple[int, ...]
+    # Parameter counts as published (thousands), where the papers state them per scale.
+    paper_params_k: dict[int, float] = field(default_factory=dict)
+    notes: str = ""
+
+    def build_config(self, scale: int) -> ESCConfig:
+        if scale not in self.scales:
+            raise UnknownVariantError(
+                f"{self.name} is published at scale(s) {', '.join(f'x{s}' for s in self.scales)}, not x{scale}. "
+                f"Pick one of those scales, or pass weights whose upsampler fixes the scale.")
+        return replace(self.config, scale=scale)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("esc", "ESC", ESCConfig("esc", 0, dim=64), (2, 3, 4),
+                notes="no LayerNorm before the ConvFFNs"),
+        Variant("esc_light", "ESC-light", ESCConfig("esc", 0, dim=64, n_blocks=3), (2, 3, 4)),
+        Variant("esc_fp", "ESC-FP", ESCConfig("esc_fp", 0, dim=48, num_heads=3, proj_ratio=1.5,
+                                              use_lns=True, use_ln_last=True), (2, 3, 4),
+                notes="decomposed large kernel, bicubic image skip"),
+        Variant("esc_real", "ESC-Real", ESCConfig("esc_real", 0, dim=64, n_blocks=10, exp_ratio=2.0,
+                                                  use_lns=True), (4,),
+                notes="real-world x4 (nearest+conv upsampler)"),
+        Variant("esc_xl", "ESC-XL", ESCConfig("esc", 0, dim=192, pdim=48, n_blocks=8, window_size=48,
+                                              num_heads=12, use_lns=True), (2, 3, 4),
+                notes="large: LayerNorm before the ConvFFNs, 48x48 windows"),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    """Look a variant up by name, accepting ``esc-light`` / ``ESC_light`` spellings."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in VARIANTS:
+        import difflib
+
+        close = difflib.get_close_matches(key, VARIANTS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownVariantError(
+            f"unknown ESC variant {name!r}: the toolkit knows {', '.join(VARIANTS)}.{hint}")
+    return VARIANTS[key]
+
+
+def closest_variant(config: ESCConfig) -> tuple[str, bool]:
+    """Name the official variant nearest to ``config`` and whether it matches exactly."""
+    def distance(v: Variant) -> int:
+        ref = replace(v.config, scale=config.scale)
+        return sum(getattr(ref, f) != getattr(config, f) for f in ref.__dataclass_fields__)
+
+    best = min(VARIANTS.values(), key=distance)
+    return best.name, distance(best) == 0

@@ -1,0 +1,4 @@
+"""ESC-FP (the fast, decomposed-kernel variant)."""
+from .arch import ESCFP
+
+__all__ = ["ESCFP"]

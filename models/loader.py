@@ -1,0 +1,214 @@
+"""Recognise, build and strictly load ESC checkpoints (spandrel-style).
+
+``load_model`` reads a checkpoint, infers the architecture and every hyper-parameter
+from its keys and tensor shapes, builds the network, loads it with ``strict=True``
+and returns it in eval mode; ``create_model`` builds a variant by name.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .base import ESCBase
+from .config import ESCConfig, closest_variant, get_variant
+from .errors import CheckpointError
+from .esc import ESC
+from .esc_fp import ESCFP
+from .esc_real import ESCReal
+
+StateDict = dict[str, torch.Tensor]
+WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
+ARCH_CLASSES: dict[str, type[ESCBase]] = {"esc": ESC, "esc_fp": ESCFP, "esc_real": ESCReal}
+
+
+def read_state_dict(source: str | os.PathLike | Mapping) -> StateDict:
+    """The state dict inside a ``.pth`` (``params_ema``/``params``/bare) or ``.safetensors``.
+
+    A ``module.`` prefix (DataParallel) is removed. Pickles are read with
+    ``weights_only=True``: a checkpoint cannot run code.
+    """
+    if isinstance(source, Mapping):
+        obj = source
+        origin = "the given state dict"
+    else:
+        path = Path(source)
+        origin = str(path)
+        if not path.is_file():
+            raise CheckpointError(
+                f"no checkpoint file at {path}. Pass the path of an ESC .pth or .safetensors file, "
+                f"or an official name such as official:ESC_DIV2K_X4.")
+        obj = _read_file(path)
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{origin} holds no state dict of tensors (found {type(obj).__name__}"
+            f"{' with keys ' + ', '.join(list(map(str, obj))[:5]) if isinstance(obj, Mapping) else ''}). "
+            f"ESC checkpoints are dicts whose 'params_ema' or 'params' entry is the state dict.")
+    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+
+
+def _read_file(path: Path) -> object:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every reader failure becomes one explained error
+        raise CheckpointError(
+            f"could not read {path} as a checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            f"The file is truncated or corrupt (re-download it) or is not a PyTorch .pth / .safetensors "
+            f"file; pickles that need code to load are refused on purpose (weights_only=True).") from exc
+
+
+def infer_config(sd: StateDict) -> ESCConfig:
+    """Architecture and hyper-parameters from key names and tensor shapes."""
+    if "lk_channel" in sd:
+        arch = "esc_fp"
+    elif "plk_filter" in sd:
+        arch = "esc_real" if "skip.0.weight" in sd else "esc"
+    else:
+        raise CheckpointError(_not_esc_message(sd))
+    try:
+        dim = sd["proj.weight"].shape[0]
+        pdim, kernel_size = (sd["lk_spatial"].shape[0], sd["lk_spatial"].shape[-1]) if arch == "esc_fp" \
+            else (sd["plk_filter"].shape[0], sd["plk_filter"].shape[-1])
+        n_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+        conv_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.0\.convffns\.(\d+)\.proj\.weight", k))})
+        table = sd["blocks.0.attn.relative_position_bias"]
+        window = (math.isqrt(table.shape[1]) + 1) // 2
+        exp_ratio = sd["blocks.0.convffns.0.proj.weight"].shape[0] / dim
+        proj_ratio = sd["blocks.0.proj.proj.weight"].shape[0] / dim
+        scale = 4 if arch == "esc_real" else math.isqrt(sd["to_img.weight"].shape[0] // 3)
+    except KeyError as exc:
+        raise CheckpointError(
+            f"this {arch} checkpoint lacks the key {exc.args[0]!r}, so its shape cannot be inferred; "
+            f"it is truncated or was saved from a modified network. "
+            f"Found {len(sd)} tensors; compare with a checkpoint from the official release.") from exc
+    return ESCConfig(
+        arch=arch, scale=scale, dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks,
+        conv_blocks=conv_blocks, window_size=window, num_heads=table.shape[0], exp_ratio=exp_ratio,
+        proj_ratio=proj_ratio, use_lns="blocks.0.lns.0.weight" in sd, use_ln_last="ln_last.weight" in sd)
+
+
+def _not_esc_message(sd: StateDict) -> str:
+    keys = set(sd)
+    best, best_share = None, 0.0
+    for name in ("esc", "esc_fp", "esc_real"):
+        ref = set(_reference_keys(name))
+        share = len(keys & ref) / max(len(keys | ref), 1)
+        if share > best_share:
+            best, best_share = name, share
+    sample = ", ".join(sorted(keys)[:4])
+    return (f"not an ESC checkpoint: it has neither 'plk_filter' (ESC, ESC-Real) nor 'lk_channel' (ESC-FP). "
+            f"Its {len(keys)} keys start with {sample}. Closest ESC variant by key overlap: {best} "
+            f"({best_share:.0%} of keys shared). Check that the file is an ESC model from the official release.")
+
+
+def _reference_keys(arch: str) -> list[str]:
+    variant = {"esc": "esc", "esc_fp": "esc_fp", "esc_real": "esc_real"}[arch]
+    config = get_variant(variant).build_config(4)
+    with torch.device("meta"):
+        return list(ARCH_CLASSES[arch](config).state_dict())
+
+
+def build(config: ESCConfig) -> ESCBase:
+    return ARCH_CLASSES[config.arch](config)
+
+
+def load_state_dict_strict(model: ESCBase, sd: StateDict) -> None:
+    """``strict=True`` loading whose failure is one readable paragraph."""
+    result = model.load_state_dict(sd, strict=False)
+    shape_errors = [f"{k} {tuple(v.shape)} vs {tuple(model.state_dict()[k].shape)}"
+                    for k, v in sd.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or shape_errors:
+        name, _ = closest_variant(model.config)
+        raise CheckpointError(
+            f"the checkpoint does not fit the {model.config.arch} network inferred from it "
+            f"(closest official variant: {name}): {_summarise('missing', result.missing_keys)}"
+            f"{_summarise('unexpected', result.unexpected_keys)}{_summarise('wrong shape', shape_errors)}"
+            f"Re-download the checkpoint or check that it comes from the official ESC code.")
+
+
+def _summarise(label: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    shown = ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+    return f"{len(items)} {label} key(s) ({shown}); "
+
+
+def load_model(source: str | os.PathLike | Mapping, attention: str = "sdpa", deploy: bool = True,
+               scale: int | None = None, variant: str | None = None, device: str | torch.device = "cpu",
+               **attention_options) -> ESCBase:
+    """Read, recognise and strictly load an ESC checkpoint; returns an eval-mode model.
+
+    ``source``: a ``.pth``/``.safetensors`` path, ``official:NAME`` or a state dict.
+    ``scale`` / ``variant``: optional expectations, checked against what the weights say.
+    ``deploy``: apply the exact deploy-time folds (see :meth:`ESCBase.deploy`).
+    """
+    if isinstance(source, str) and hub.is_official(source):
+        source = hub.resolve(source)
+    sd = read_state_dict(source)
+    config = infer_config(sd)
+    if scale is not None and scale != config.scale:
+        raise CheckpointError(
+            f"the weights are for x{config.scale} (to_img has {3 * config.scale ** 2} output channels), "
+            f"but x{scale} was asked for. Use weights trained for x{scale} or drop the scale option.")
+    found, exact = closest_variant(config)
+    if variant is not None:
+        wanted = get_variant(variant).name
+        if wanted != found or not exact:
+            raise CheckpointError(
+                f"the weights are {'an' if exact else 'closest to'} {found} x{config.scale} network, "
+                f"not {wanted}. Drop the variant option to use them as they are, or pass {wanted} weights.")
+    model = build(config)
+    load_state_dict_strict(model, sd)
+    model.set_attention(attention, **attention_options)
+    model.to(device)
+    if deploy:
+        model.deploy()
+    return model.eval()
+
+
+def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | None = None,
+                 attention: str = "sdpa", deploy: bool = False, device: str | torch.device = "cpu",
+                 seed: int | None = 0, **attention_options) -> ESCBase:
+    """Build the named variant; with ``weights``, load them strictly (checked against the name).
+
+    Without weights the network gets random weights and a warning: its output is
+    meaningless, but its speed and export behaviour are the real ones.
+    """
+    spec = get_variant(name)
+    if weights is not None:
+        return load_model(weights, attention=attention, deploy=deploy, scale=scale, variant=spec.name,
+                          device=device, **attention_options)
+    warnings.warn(f"{spec.name} x{scale} built with random weights: its output is meaningless "
+                  f"(fine for latency and export checks). Pass weights=... for real pictures.", stacklevel=2)
+    model = build(spec.build_config(scale))
+    randomise(model, seed)
+    model.set_attention(attention, **attention_options).to(device)
+    if deploy:
+        model.deploy()
+    return model.eval()
+
+
+@torch.no_grad()
+def randomise(model: ESCBase, seed: int | None = 0) -> None:
+    """Give the tensors our constructors leave at zero a non-trivial random value."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in model.named_parameters():
+        if name.endswith(("plk_filter", "lk_channel", "lk_spatial")):
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+        elif name.endswith("relative_position_bias"):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)

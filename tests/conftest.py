@@ -1,0 +1,52 @@
+"""Shared pytest fixtures and markers.
+
+Shared read-only data (datasets, golden checkpoints) lives in ``../shared`` beside the
+repo root and is never copied into the repo; tests that need it skip, naming the
+missing path, where it is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests when CUDA is unavailable (torch imported only if such tests exist)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+def require_path(path: Path) -> Path:
+    """Return ``path`` or skip the calling test with a reason naming it."""
+    if not path.exists():
+        pytest.skip(f"missing shared data: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ``../shared`` folder beside the repo root."""
+    return require_path(SHARED_DIR)
+
+
+@pytest.fixture(scope="session")
+def golden_dir(shared_dir: Path) -> Path:
+    """Golden checkpoints and reference input/output pairs (``shared/golden``)."""
+    return require_path(shared_dir / "golden")
