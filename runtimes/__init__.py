@@ -1,0 +1,1 @@
+"""One small interface over the runtimes that execute an exported ESC model."""

@@ -1,0 +1,280 @@
+"""Tiled inference that any runtime (PyTorch, ONNX Runtime, TensorRT, …) can use.
+
+Large images do not fit through a model in one call, and fixed-shape engines
+accept only one input size, so :func:`tiled_upscale` cuts the image into
+windows, upscales them in batches and stitches the results.
+
+The scheme ("crop the context away"):
+
+* ``tile`` is the size of each model call's input window, i.e. what bounds
+  memory and what a fixed-shape engine is built for.  Windows are placed
+  evenly along each axis, the first at the start, the last flush with the end,
+  so every window is full size and lies inside the image; along an axis
+  shorter than ``tile`` the window is the whole axis.  All windows therefore
+  share one shape and batch together, across images too.
+* Neighbouring windows overlap by at least ``2 * overlap`` pixels.  Each output
+  pixel is taken from exactly one window: the boundary between two windows is
+  the middle of their overlap, so every pixel used has at least ``overlap``
+  pixels of real context on each side, except where the image itself ends
+  (and there the window edge *is* the image edge, as in an untiled run).
+* Consequently, if ``overlap`` is at least the model's receptive-field radius
+  (in input pixels) the tiled result equals the untiled one up to float
+  rounding: no blending or feathering is needed, and no seam can appear.  With
+  a smaller overlap the pixels near a boundary see less context than untiled
+  and may differ.
+
+Padding (``multiple`` and ``fixed_shape``): when a call's input has to be a
+multiple of some size (window attention) or exactly ``fixed_shape`` (static
+engines), each window is padded at the bottom/right, by reflection where the
+window is large enough and by edge replication otherwise (PyTorch's reflect
+padding needs pad < size), and the extra output is cropped.  Padding only ever
+extends a window beyond the image edge, so it changes only what the model
+sees past that edge (reflected pixels instead of whatever the model pads
+with internally); with tiles that are already the right size nothing is
+padded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+__all__ = ["UpscaleFn", "tiled_upscale", "upscale_alpha"]
+
+#: Maps a batch (B, 3, h, w) to (B, 3, h * scale, w * scale).
+UpscaleFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One window along one axis and the part of it whose output is kept."""
+
+    start: int  # first input pixel of the window
+    keep_start: int  # first input pixel whose output this window provides
+    keep_end: int  # one past the last such pixel
+
+
+@dataclass(frozen=True)
+class _Tile:
+    image: int
+    rows: _Span
+    cols: _Span
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _plan_axis(length: int, window: int, overlap: int) -> list[_Span]:
+    """Place windows of size ``window`` along an axis of ``length`` pixels.
+
+    The number of windows is the smallest for which evenly spaced windows are
+    at most ``window - 2 * overlap`` apart, which is exactly what guarantees
+    each kept pixel ``overlap`` pixels of context inside its window (the
+    keep boundary is the middle of each pairwise overlap).
+    """
+    if length <= window:
+        return [_Span(0, 0, length)]
+    stride = window - 2 * overlap
+    gaps = math.ceil((length - window) / stride)
+    starts = [k * (length - window) // gaps for k in range(gaps + 1)]
+    bounds = [0] + [(a + b + window) // 2 for a, b in zip(starts, starts[1:])] + [length]
+    return [_Span(s, bounds[k], bounds[k + 1]) for k, s in enumerate(starts)]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pad_axis(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """Pad ``x`` by ``pad`` pixels after its end along ``dim`` (-1 or -2)."""
+    if pad == 0:
+        return x
+    spec = (0, pad, 0, 0) if dim == -1 else (0, 0, 0, pad)
+    mode = "reflect" if pad < x.shape[dim] else "replicate"
+    return F.pad(x, spec, mode=mode)
+
+
+def _batches(tiles: Sequence[_Tile], batch_size: int) -> Iterator[Sequence[_Tile]]:
+    for i in range(0, len(tiles), batch_size):
+        yield tiles[i : i + batch_size]
+
+
+def _validate(
+    scale: int,
+    tile: int | None,
+    overlap: int,
+    batch_size: int,
+    multiple: int,
+    fixed_shape: tuple[int, int] | None,
+) -> tuple[int, int] | None:
+    """Check the tiling arguments; return the window (h, w), or None for untiled."""
+    _check_int("scale", scale, 1)
+    _check_int("overlap", overlap, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("multiple", multiple, 1)
+    if fixed_shape is not None:
+        if tile is not None:
+            raise ValueError("pass either tile or fixed_shape, not both: fixed_shape sets the window size")
+        if not isinstance(fixed_shape, (tuple, list)) or len(fixed_shape) != 2:
+            raise ValueError(f"fixed_shape must be (height, width), got {fixed_shape!r}")
+        names = ("fixed_shape[0]", "fixed_shape[1]")
+        window = (_check_int(names[0], fixed_shape[0], 1), _check_int(names[1], fixed_shape[1], 1))
+    elif tile is not None:
+        names = ("tile", "tile")
+        window = (_check_int("tile", tile, 1),) * 2
+    else:
+        return None
+    for name, size in zip(names, window):
+        if size <= 2 * overlap:
+            raise ValueError(f"{name}={size} must be > 2 * overlap = {2 * overlap}")
+        if size % multiple:
+            raise ValueError(f"{name}={size} must be a multiple of multiple={multiple}")
+    return window
+
+
+@torch.no_grad()
+def tiled_upscale(
+    upscale_fn: UpscaleFn,
+    image: torch.Tensor,
+    scale: int,
+    tile: int | None,
+    overlap: int,
+    batch_size: int = 4,
+    multiple: int = 1,
+    progress: bool = False,
+    fixed_shape: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Upscale ``image`` (N, 3, H, W) by ``scale`` through ``upscale_fn``, in tiles.
+
+    Args:
+        upscale_fn: maps (B, 3, h, w) to (B, 3, h * scale, w * scale); a
+            PyTorch module, an ONNX Runtime session wrapper, anything.
+        image: (N, 3, H, W) input batch.
+        scale: the model's integer upscaling factor.
+        tile: input window size (square), or ``None`` for one call per image.
+            Must exceed ``2 * overlap`` and be a multiple of ``multiple``.
+        overlap: context pixels cropped from each side of a window; make it
+            at least the model's receptive-field radius for a seamless
+            result identical to an untiled run (see the module docstring).
+        batch_size: windows per call.  Windows always share one shape, so
+            windows of different images in ``image`` are batched together.
+        multiple: every call's height and width are padded up to a multiple
+            of this (for models that need it, e.g. window attention).
+        progress: show a tqdm progress bar over windows.
+        fixed_shape: (height, width) every call must have exactly, for
+            static-shape engines.  It replaces ``tile`` (pass ``tile=None``):
+            windows are this size, and images smaller than it in a dimension
+            are padded (reflect, or replicate when too small) and cropped.
+
+    Returns:
+        (N, 3, H * scale, W * scale) tensor with the dtype and device of
+        ``upscale_fn``'s output.
+
+    Inference only: runs under ``torch.no_grad()``.
+    """
+    window = _validate(scale, tile, overlap, batch_size, multiple, fixed_shape)
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be an (N, 3, H, W) tensor, got {shape}")
+    n, _, height, width = image.shape
+    if n == 0 or height == 0 or width == 0:
+        raise ValueError(f"image must be non-empty, got shape {tuple(image.shape)}")
+    win_h, win_w = window if window is not None else (height, width)
+
+    row_spans = _plan_axis(height, win_h, overlap)
+    col_spans = _plan_axis(width, win_w, overlap)
+    tiles = [_Tile(i, r, c) for i in range(n) for r in row_spans for c in col_spans]
+    in_h, in_w = min(win_h, height), min(win_w, width)
+    if fixed_shape is not None:
+        call_h, call_w = fixed_shape
+    else:
+        call_h, call_w = _round_up(in_h, multiple), _round_up(in_w, multiple)
+
+    out: torch.Tensor | None = None
+    with tqdm(total=len(tiles), disable=not progress, desc="tiles", unit="tile") as bar:
+        for group in _batches(tiles, batch_size):
+            batch = torch.stack(
+                [
+                    image[t.image, :, t.rows.start : t.rows.start + in_h, t.cols.start : t.cols.start + in_w]
+                    for t in group
+                ]
+            )
+            batch = _pad_axis(_pad_axis(batch, call_h - in_h, -2), call_w - in_w, -1)
+            result = upscale_fn(batch)
+            expected = (len(group), 3, call_h * scale, call_w * scale)
+            if not isinstance(result, torch.Tensor) or tuple(result.shape) != expected:
+                got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+                raise ValueError(
+                    f"upscale_fn returned {got} for input {tuple(batch.shape)}; expected {expected} "
+                    f"(is scale={scale} right?)"
+                )
+            if out is None:
+                out = result.new_empty((n, 3, height * scale, width * scale))
+            for t, up in zip(group, result):
+                r0, r1 = t.rows.keep_start, t.rows.keep_end
+                c0, c1 = t.cols.keep_start, t.cols.keep_end
+                dr, dc = r0 - t.rows.start, c0 - t.cols.start
+                out[t.image, :, r0 * scale : r1 * scale, c0 * scale : c1 * scale] = up[
+                    :, dr * scale : (dr + r1 - r0) * scale, dc * scale : (dc + c1 - c0) * scale
+                ]
+            bar.update(len(group))
+    assert out is not None  # at least one tile always exists
+    return out
+
+
+def upscale_alpha(
+    upscale_fn: UpscaleFn,
+    alpha: torch.Tensor,
+    scale: int,
+    tile: int | None,
+    overlap: int,
+    batch_size: int = 4,
+    multiple: int = 1,
+    progress: bool = False,
+    fixed_shape: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Upscale an alpha plane (N, 1, H, W) with the colour model.
+
+    The plane is replicated to three channels, sent through
+    :func:`tiled_upscale` with the same arguments, averaged back to one
+    channel and clamped to [0, 1].  Using the same model keeps the alpha
+    edges aligned with the sharpened colour edges, which a bicubic alpha
+    would not be.  A plane that is constant in every image (the common
+    "RGBA but fully opaque" case) is returned as that constant without
+    calling the model: the model would only add noise to it, at the cost of
+    a second full inference.
+
+    Returns:
+        (N, 1, H * scale, W * scale) tensor.
+    """
+    if not isinstance(alpha, torch.Tensor) or alpha.ndim != 4 or alpha.shape[1] != 1:
+        shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+        raise ValueError(f"alpha must be an (N, 1, H, W) tensor, got {shape}")
+    _validate(scale, tile, overlap, batch_size, multiple, fixed_shape)
+    n, _, height, width = alpha.shape
+    flat = alpha.reshape(n, -1)
+    if flat.shape[1] and bool((flat.amin(dim=1) == flat.amax(dim=1)).all()):
+        constant = flat[:, :1].clamp(0.0, 1.0).reshape(n, 1, 1, 1)
+        return constant.expand(n, 1, height * scale, width * scale).clone()
+    up = tiled_upscale(
+        upscale_fn,
+        alpha.expand(n, 3, height, width),
+        scale,
+        tile,
+        overlap,
+        batch_size=batch_size,
+        multiple=multiple,
+        progress=progress,
+        fixed_shape=fixed_shape,
+    )
+    return up.mean(dim=1, keepdim=True).clamp(0.0, 1.0)
