@@ -128,16 +128,19 @@ def build(config: ESCConfig) -> ESCBase:
 
 def load_state_dict_strict(model: ESCBase, sd: StateDict) -> None:
     """``strict=True`` loading whose failure is one readable paragraph."""
-    result = model.load_state_dict(sd, strict=False)
-    shape_errors = [f"{k} {tuple(v.shape)} vs {tuple(model.state_dict()[k].shape)}"
-                    for k, v in sd.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or shape_errors:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+                   for k, v in sd.items() if k in expected and expected[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
         name, _ = closest_variant(model.config)
         raise CheckpointError(
             f"the checkpoint does not fit the {model.config.arch} network inferred from it "
-            f"(closest official variant: {name}): {_summarise('missing', result.missing_keys)}"
-            f"{_summarise('unexpected', result.unexpected_keys)}{_summarise('wrong shape', shape_errors)}"
+            f"(closest official variant: {name}): {_summarise('missing', missing)}"
+            f"{_summarise('unexpected', unexpected)}{_summarise('wrong shape', wrong_shape)}"
             f"Re-download the checkpoint or check that it comes from the official ESC code.")
+    model.load_state_dict(sd, strict=True)
 
 
 def _summarise(label: str, items: list[str]) -> str:
@@ -148,7 +151,7 @@ def _summarise(label: str, items: list[str]) -> str:
 
 
 def load_model(source: str | os.PathLike | Mapping, attention: str = "sdpa", deploy: bool = True,
-               scale: int | None = None, variant: str | None = None, device: str | torch.device = "cpu",
+               scale: int | None = None, variant: str | None = None, device: str | torch.device | None = None,
                **attention_options) -> ESCBase:
     """Read, recognise and strictly load an ESC checkpoint; returns an eval-mode model.
 
@@ -174,14 +177,15 @@ def load_model(source: str | os.PathLike | Mapping, attention: str = "sdpa", dep
     model = build(config)
     load_state_dict_strict(model, sd)
     model.set_attention(attention, **attention_options)
-    model.to(device)
+    if device is not None:
+        model.to(device)
     if deploy:
         model.deploy()
     return model.eval()
 
 
 def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | None = None,
-                 attention: str = "sdpa", deploy: bool = False, device: str | torch.device = "cpu",
+                 attention: str = "sdpa", deploy: bool = False, device: str | torch.device | None = None,
                  seed: int | None = 0, **attention_options) -> ESCBase:
     """Build the named variant; with ``weights``, load them strictly (checked against the name).
 
@@ -192,23 +196,27 @@ def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | N
     if weights is not None:
         return load_model(weights, attention=attention, deploy=deploy, scale=scale, variant=spec.name,
                           device=device, **attention_options)
+    config = spec.build_config(scale)
     warnings.warn(f"{spec.name} x{scale} built with random weights: its output is meaningless "
                   f"(fine for latency and export checks). Pass weights=... for real pictures.", stacklevel=2)
-    model = build(spec.build_config(scale))
-    randomise(model, seed)
-    model.set_attention(attention, **attention_options).to(device)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = build(config)
+        randomise(model)
+    model.set_attention(attention, **attention_options)
+    if device is not None:
+        model.to(device)
     if deploy:
         model.deploy()
     return model.eval()
 
 
 @torch.no_grad()
-def randomise(model: ESCBase, seed: int | None = 0) -> None:
+def randomise(model: ESCBase) -> None:
     """Give the tensors our constructors leave at zero a non-trivial random value."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
     for name, p in model.named_parameters():
         if name.endswith(("plk_filter", "lk_channel", "lk_spatial")):
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
         elif name.endswith("relative_position_bias"):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            p.normal_(0.0, 0.02)
