@@ -69,6 +69,7 @@ VARIANTS: dict[str, Variant] = {
                 notes="real-world x4 (nearest+conv upsampler)"),
         Variant("esc_xl", "ESC-XL", ESCConfig("esc", 0, dim=192, pdim=48, n_blocks=8, window_size=48,
                                               num_heads=12, use_lns=True), (2, 3, 4),
+                paper_params_k={s: 12500.0 for s in (2, 3, 4)},
                 notes="large: LayerNorm before the ConvFFNs, 48x48 windows"),
     )
 }

@@ -5,7 +5,7 @@ bias gather -> attention -> window reverse -> crop``:
 
 * q, k and v are gathered straight from the NCHW ``qkv`` map; the reflect
   padding is index math (iterated reflection, see
-  :func:`models.kernels.reference.reflect_indices`), so neither a padded copy
+  :func:`models.layers.reflect_indices`), so neither a padded copy
   nor a partitioned copy of the map is ever written;
 * the relative-position bias is gathered from the ``(heads, (2w-1)^2)`` table
   per ``BLOCK_M x BLOCK_N`` tile, never as a ``w^2 x w^2`` tensor;

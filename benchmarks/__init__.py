@@ -1,0 +1,1 @@
+"""Latency and memory measurements of ESC models across modes, runtimes and devices."""

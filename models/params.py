@@ -1,0 +1,35 @@
+"""Print the parameter count of every variant and scale next to the published figure.
+
+    python -m models.params
+
+Counts come from building each network (on the meta device: no memory, no weights);
+they include the attention bias tables, as upstream's counts do. The golden vectors'
+index, made by the upstream code, pins six of them in the tests.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .config import VARIANTS
+from .loader import create_model
+
+
+def count(name: str, scale: int) -> int:
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return create_model(name, scale).num_params()
+
+
+def main() -> None:
+    print(f"{'variant':<10} {'scale':>5} {'params':>12} {'paper':>10}")
+    for name, variant in VARIANTS.items():
+        for scale in variant.scales:
+            paper = variant.paper_params_k.get(scale)
+            shown = f"{paper / 1000:.1f}M" if paper else "-"
+            print(f"{name:<10} {'x' + str(scale):>5} {count(name, scale):>12,} {shown:>10}")
+
+
+if __name__ == "__main__":
+    main()
