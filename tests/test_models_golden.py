@@ -73,3 +73,37 @@ def test_flashbias_energy_picks_the_smallest_rank(golden_dir):
     kept = (s[:, :rank] ** 2).sum(-1) / (s ** 2).sum(-1)
     kept_less = (s[:, :rank - 1] ** 2).sum(-1) / (s ** 2).sum(-1)
     assert bool((kept >= 0.9 - 1e-9).all()) and not bool((kept_less >= 0.9).all())
+
+
+def test_fused_backend_reproduces_golden(golden_dir):
+    """On CPU without the Triton interpreter the fused op runs its reference; same numbers."""
+    name = "esc_fp_x4_41x47_b1"
+    io = torch.load(golden_dir / f"{name}.io.pt", weights_only=True)
+    model = load_model(golden_dir / f"{name}.pth", attention="fused")
+    with torch.no_grad():
+        assert (model(io["lr"]) - io["sr"]).abs().max().item() < TOL
+
+
+def test_flex_refuses_cpu_by_default_and_matches_when_allowed(golden_dir):
+    from models import AttentionBackendError
+
+    name = "esc_light_x4_35x35_b1"
+    io = torch.load(golden_dir / f"{name}.io.pt", weights_only=True)
+    model = load_model(golden_dir / f"{name}.pth", attention="flex")
+    with pytest.raises(AttentionBackendError, match="CUDA only"), torch.no_grad():
+        model(io["lr"])
+    # Eager FlexAttention on the CPU is slow but computes the same scores: check the numbers.
+    model.set_attention("flex", allow_cpu=True, compile=False)
+    with torch.no_grad(), pytest.warns(UserWarning):
+        out = model(io["lr"])
+    assert (out - io["sr"]).abs().max().item() < TOL
+
+
+@pytest.mark.gpu
+def test_flex_on_cuda_matches_golden(golden_dir):
+    name = "esc_x4_48x64_b1"
+    io = torch.load(golden_dir / f"{name}.io.pt", weights_only=True)
+    model = load_model(golden_dir / f"{name}.pth", attention="flex", device="cuda")
+    with torch.no_grad():
+        out = model(io["lr"].cuda()).cpu()
+    assert (out - io["sr"]).abs().max().item() < TOL
