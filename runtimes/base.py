@@ -1,0 +1,360 @@
+"""One interface over every back-end that runs an ESC model, and the registry that picks one.
+
+The design follows Polygraphy's runners: each back-end (PyTorch, ONNX Runtime, later
+TensorRT engines, Core ML packages, OpenVINO) is one :class:`Runner` subclass that
+
+* loads its artifact once, in ``__init__`` (all validation happens there, so a bad
+  artifact fails before any image is touched);
+* exposes the same attributes (``name``, ``artifact``, ``scale``, ``input_multiple``,
+  ``fixed_shape``, ``precision``);
+* implements exactly one method, :meth:`Runner.infer`: float32 ``(B, 3, h, w)`` in [0, 1]
+  to float32 ``(B, 3, h * scale, w * scale)``, on the input's device.  Dtype conversion
+  (fp16 weights or fp16 graph inputs) and static batch sizes are the runner's business,
+  never the caller's;
+* reports what actually ran through :meth:`Runner.describe` (runtime and version, the
+  device / execution provider really used, precision, attention form, variant).
+
+Everything else (tiling, alpha planes) is shared here, so the numbers a user gets do not
+depend on which runner produced them.
+
+Picking a runner: :func:`load` looks at the artifact (an ``nn.Module``, a ``torch:`` or
+``official:`` prefix, or the file suffix) and builds the registered runner for it.  A new
+back-end plugs in with one line, either in :data:`_BUILTIN_RUNNERS` below (imported lazily,
+so ``import runtimes.base`` never imports onnxruntime or TensorRT) or by calling
+:func:`register_runner` from its own module::
+
+    register_runner((".engine", ".plan"), "runtimes.tensorrt_runner:TensorRTRunner")
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from models.errors import ESCError
+
+from .tiling import tiled_upscale, upscale_alpha
+
+__all__ = [
+    "Runner",
+    "RunnerError",
+    "load",
+    "register_runner",
+    "registered_runners",
+    "runner_class_for",
+    "supported_suffixes",
+]
+
+
+class RunnerError(ESCError, ValueError):
+    """A user-facing problem with an artifact or a runner option.
+
+    The message names the problem and the fix; command-line tools print it as
+    ``error: ...`` and exit with status 2 instead of showing a traceback.
+    """
+
+
+class Runner(ABC):
+    """A loaded model artifact that upscales images, whatever executes it.
+
+    Attributes:
+        name: short runtime name (``"torch"``, ``"onnxruntime"``, ...), a class attribute.
+        artifact: what was loaded (a path, ``official:NAME``, or ``"<nn.Module>"``).
+        scale: integer upscaling factor.
+        input_multiple: input sides that are multiples of this need no internal
+            padding (ESC: the attention window).  Informational: the runners here
+            accept any size because the graph pads itself.
+        fixed_shape: ``(height, width)`` every call must have, for static-shape
+            artifacts; ``None`` when any size runs.
+        precision: ``"fp32"`` or ``"fp16"``: the arithmetic the model runs in.
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+    """
+
+    #: Short runtime name; subclasses set it.
+    name: ClassVar[str] = "runner"
+    #: Keyword options ``load()`` accepts for this runner (besides ``device``).
+    options: ClassVar[tuple[str, ...]] = ()
+    #: Sides every call is padded up to a multiple of by the *tiler*.  1 for runners
+    #: whose graph pads internally (padding outside would change edge pixels); a
+    #: runtime that needs window-multiple inputs sets it to ``input_multiple``.
+    pad_multiple: ClassVar[int] = 1
+
+    artifact: str
+    scale: int
+    input_multiple: int
+    fixed_shape: tuple[int, int] | None
+    precision: str
+    device: str
+
+    # -- the one method a back-end implements ---------------------------------------
+    @abstractmethod
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float32 ``(B, 3, h, w)`` in [0, 1] -> float32 ``(B, 3, h*scale, w*scale)``.
+
+        The output is on the input's device and is *not* clamped (models overshoot
+        [0, 1] near edges; writers and metrics clamp).
+        """
+
+    def runtime_details(self) -> dict[str, Any]:
+        """Back-end specific entries for :meth:`describe` (version, providers, ...)."""
+        return {}
+
+    # -- shared behaviour ------------------------------------------------------------
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.infer(batch)
+
+    def _window(self, tile: int | None, fixed_shape: tuple[int, int] | None) -> tuple[int | None, tuple[int, int] | None]:
+        """Resolve (tile, fixed_shape) for the tiler, refusing what this artifact cannot run."""
+        if self.fixed_shape is not None:
+            if fixed_shape is not None and tuple(fixed_shape) != self.fixed_shape:
+                raise RunnerError(
+                    f"{self.artifact} only accepts {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs, "
+                    f"not {fixed_shape[0]}x{fixed_shape[1]}")
+            if tile is not None and (tile, tile) != self.fixed_shape:
+                raise RunnerError(
+                    f"{self.artifact} is a fixed-shape artifact built for {self.fixed_shape[0]}x"
+                    f"{self.fixed_shape[1]} inputs: it is tiled at that size, so leave tile unset "
+                    f"(got tile={tile}), or export a dynamic-shape artifact")
+            return None, self.fixed_shape
+        if fixed_shape is not None and tile is not None:
+            raise RunnerError("pass either tile or fixed_shape, not both")
+        return tile, (tuple(fixed_shape) if fixed_shape is not None else None)  # type: ignore[return-value]
+
+    def _tiling_args(self, size: tuple[int, int], tile: int | None, overlap: int,
+                     fixed_shape: tuple[int, int] | None) -> dict[str, Any]:
+        """Keyword arguments for the tiler for an image of ``size`` (H, W)."""
+        tile, window = self._window(tile, fixed_shape)
+        sides = window if window is not None else ((tile, tile) if tile is not None else None)
+        if sides is not None and size[0] <= sides[0] and size[1] <= sides[1]:
+            overlap = 0  # one call per image: no neighbouring tile, so no context to crop
+        if sides is not None and min(sides) <= 2 * overlap:
+            raise RunnerError(
+                f"overlap={overlap} is too large for {sides[0]}x{sides[1]} model calls: every call must be "
+                f"larger than 2 * overlap = {2 * overlap}. Lower the overlap or use larger tiles")
+        return {"tile": tile, "fixed_shape": window, "multiple": self.pad_multiple, "overlap": overlap}
+
+    @torch.no_grad()
+    def upscale(
+        self,
+        image: torch.Tensor,
+        tile: int | None = None,
+        overlap: int = 16,
+        batch_size: int = 4,
+        progress: bool = False,
+        fixed_shape: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Upscale ``image`` (N, 3, H, W) in [0, 1] through :func:`runtimes.tiling.tiled_upscale`.
+
+        ``tile=None`` runs each image in one call (any size, for dynamic-shape
+        artifacts).  Fixed-shape artifacts always tile at their own shape.
+        ``fixed_shape`` lets a dynamic runner mimic a fixed-shape one exactly (parity
+        checks tile the reference the way the candidate is tiled).  Returns float32
+        (N, 3, H*scale, W*scale), unclamped.
+        """
+        args = self._tiling_args(tuple(image.shape[-2:]), tile, overlap, fixed_shape)
+        return tiled_upscale(self.infer, image, self.scale, batch_size=batch_size, progress=progress, **args)
+
+    @torch.no_grad()
+    def upscale_alpha(
+        self,
+        alpha: torch.Tensor,
+        tile: int | None = None,
+        overlap: int = 16,
+        batch_size: int = 4,
+        progress: bool = False,
+        fixed_shape: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Upscale an alpha plane (N, 1, H, W) with the colour model (see :func:`upscale_alpha`)."""
+        args = self._tiling_args(tuple(alpha.shape[-2:]), tile, overlap, fixed_shape)
+        return upscale_alpha(self.infer, alpha, self.scale, batch_size=batch_size, progress=progress, **args)
+
+    def describe(self) -> dict[str, Any]:
+        """What runs: runtime, device, precision, artifact, attention, variant, scale.
+
+        Common keys: ``runner``, ``runtime``, ``runtime_version``, ``device``,
+        ``precision``, ``artifact``, ``variant``, ``scale``, ``attention``,
+        ``input_multiple``, ``fixed_shape``; runners add their own (``providers`` for
+        ONNX Runtime, ``threads``, ...).
+        """
+        info: dict[str, Any] = {
+            "runner": self.name,
+            "runtime": self.name,
+            "runtime_version": None,
+            "device": self.device,
+            "precision": self.precision,
+            "artifact": self.artifact,
+            "variant": getattr(self, "variant", None),
+            "scale": self.scale,
+            "attention": getattr(self, "attention", None),
+            "input_multiple": self.input_multiple,
+            "fixed_shape": list(self.fixed_shape) if self.fixed_shape is not None else None,
+        }
+        info.update(self.runtime_details())
+        return info
+
+    def close(self) -> None:
+        """Release the back-end's resources (sessions, engines); idempotent."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        shape = f", fixed_shape={self.fixed_shape}" if self.fixed_shape else ""
+        return (f"{type(self).__name__}({self.artifact!r}, x{self.scale}, {self.precision}, "
+                f"device={self.device!r}{shape})")
+
+
+# ----------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    suffixes: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    target: type[Runner] | str  # the class, or "module:Class" imported on first use
+    accepts_module: bool = False
+
+    def resolve(self) -> type[Runner]:
+        if isinstance(self.target, str):
+            module_name, _, class_name = self.target.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise RunnerError(
+                    f"the runner for {'/'.join(self.suffixes or self.prefixes)} artifacts cannot be imported "
+                    f"({exc}); install the runtime it needs (pip install 'esc-deploy[all]')") from exc
+            self.target = getattr(module, class_name)
+        return self.target
+
+
+#: Built-in back-ends, imported on first use.  A new back-end adds one line here.
+_BUILTIN_RUNNERS: tuple[tuple[tuple[str, ...], tuple[str, ...], str, bool], ...] = (
+    ((".pth", ".pt", ".safetensors"), ("torch:", "official:"), "runtimes.torch_runner:TorchRunner", True),
+    ((".onnx",), ("onnx:",), "runtimes.onnx_runner:OnnxRunner", False),
+    ((".mlpackage", ".mlmodel"), ("coreml:",), "runtimes.coreml_runner:CoreMLRunner", False),
+)
+
+# Newest registration first (a later register_runner call overrides a built-in).
+_REGISTRY: list[_Entry] = [_Entry(s, p, t, m) for s, p, t, m in reversed(_BUILTIN_RUNNERS)]
+
+
+def _normalise_suffix(suffix: str) -> str:
+    suffix = suffix.strip().lower()
+    if not suffix:
+        raise ValueError("a runner suffix cannot be empty")
+    return suffix if suffix.startswith(".") else "." + suffix
+
+
+def register_runner(
+    suffixes: str | Iterable[str],
+    cls: type[Runner] | str,
+    *,
+    prefixes: Iterable[str] = (),
+    accepts_module: bool = False,
+) -> type[Runner] | str:
+    """Register ``cls`` (a Runner subclass, or ``"module:Class"`` imported lazily).
+
+    ``suffixes``: file suffixes it runs (``".engine"``; directories such as
+    ``.mlpackage`` work too).  ``prefixes``: spec prefixes it claims (``"trt:"``).
+    A later registration of a suffix wins over an earlier one, so a project can
+    replace a built-in runner.  Returns ``cls`` so it can decorate a class.
+    """
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    if isinstance(cls, type) and not issubclass(cls, Runner):
+        raise TypeError(f"{cls.__name__} is not a Runner subclass")
+    entry = _Entry(tuple(_normalise_suffix(s) for s in suffixes), tuple(prefixes), cls, accepts_module)
+    _REGISTRY.insert(0, entry)
+    return cls
+
+
+def supported_suffixes() -> list[str]:
+    """Every registered suffix, in registration order, without duplicates."""
+    seen: dict[str, None] = {}
+    for entry in reversed(_REGISTRY):
+        for suffix in entry.suffixes:
+            seen.setdefault(suffix, None)
+    return list(seen)
+
+
+def registered_runners() -> list[dict[str, Any]]:
+    """(suffixes, prefixes, class or lazy target) of every registration, newest first."""
+    return [{"suffixes": e.suffixes, "prefixes": e.prefixes,
+             "runner": e.target if isinstance(e.target, str) else f"{e.target.__module__}:{e.target.__qualname__}"}
+            for e in _REGISTRY]
+
+
+def _supported_text() -> str:
+    prefixes = sorted({p for e in _REGISTRY for p in e.prefixes})
+    return (f"supported artifacts: files ending in {', '.join(supported_suffixes())}; "
+            f"specs starting with {', '.join(prefixes)}; or a torch nn.Module")
+
+
+def runner_class_for(artifact: Any) -> type[Runner]:
+    """The registered runner class for ``artifact``, or a :class:`RunnerError`."""
+    if isinstance(artifact, torch.nn.Module):
+        for entry in _REGISTRY:
+            if entry.accepts_module:
+                return entry.resolve()
+        raise RunnerError(f"no runner accepts an nn.Module; {_supported_text()}")
+    if not isinstance(artifact, (str, os.PathLike)):
+        raise RunnerError(f"cannot run a {type(artifact).__name__}; {_supported_text()}")
+    spec = os.fspath(artifact)
+    for entry in _REGISTRY:
+        if any(spec.startswith(p) for p in entry.prefixes):
+            return entry.resolve()
+    name = Path(spec).name.lower()
+    matches = [(len(s), i, e) for i, e in enumerate(_REGISTRY) for s in e.suffixes if name.endswith(s)]
+    if matches:
+        longest = max(m[0] for m in matches)
+        # Longest suffix wins (".fp16.onnx" over ".onnx"); among equals, the newest registration.
+        entry = min((m for m in matches if m[0] == longest), key=lambda m: m[1])[2]
+        return entry.resolve()
+    suffix = Path(spec).suffix or "(no suffix)"
+    raise RunnerError(f"cannot tell which runtime runs {spec!r} (suffix {suffix}); {_supported_text()}")
+
+
+def _strip_prefix(spec: str, entry_prefixes: Sequence[str]) -> str:
+    for prefix in entry_prefixes:
+        if prefix != "official:" and spec.startswith(prefix):
+            return spec[len(prefix):]
+    return spec
+
+
+def load(artifact: Any, device: str = "cpu", **options: Any) -> Runner:
+    """Build the runner for ``artifact`` (a path, a prefixed spec, or an ``nn.Module``).
+
+    ``device`` is ``"cpu"`` or ``"cuda[:N]"``; other keyword options go to the runner
+    (``attention``/``precision`` for PyTorch, ``provider``/``threads`` for ONNX
+    Runtime, ...).  An option the chosen runner does not take is refused by name.
+
+    Raises:
+        RunnerError: unknown kind of artifact (the message lists the supported
+            suffixes), missing file, bad option, or a runtime that cannot run here.
+    """
+    cls = runner_class_for(artifact)
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        raise RunnerError(
+            f"the {cls.name} runner does not take option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(('device',) + cls.options)}")
+    if isinstance(artifact, (str, os.PathLike)):
+        spec = os.fspath(artifact)
+        entry_prefixes = [p for e in _REGISTRY for p in e.prefixes]
+        spec = _strip_prefix(spec, entry_prefixes)
+        if not spec.startswith("official:") and not Path(spec).exists():
+            raise RunnerError(f"no such artifact: {spec}")
+        artifact = spec
+    return cls(artifact, device=device, **options)

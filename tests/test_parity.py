@@ -1,0 +1,259 @@
+"""validation.compare and validation.parity: Set5 x4 parity of an exported esc_light model.
+
+Golden weights are random, so PSNR/SSIM against HR are low; they are reported, never
+asserted.  What is asserted is runtime-vs-PyTorch parity and the exit statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from validation.compare import compare, compare_outputs
+from validation.parity import THRESHOLDS, main
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = "esc_light_x4_35x35_b1"
+ESC_METADATA = {
+    "esc.variant": "esc_light", "esc.arch": "esc", "esc.scale": "4", "esc.window_size": "32",
+    "esc.input_multiple": "32", "esc.attention": "sdpa", "esc.opset": "18", "esc.precision": "fp32",
+    "esc.io_dtype": "float32", "esc.shape": "dynamic", "esc.batch": "dynamic",
+}
+
+
+def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
+    """Dynamic-shape fp32 ONNX export with ``esc.*`` metadata (export.onnx_export when present).
+
+    Same recipe as tests/test_runners.py; both cache the file in the session's base
+    temp directory, so it is exported once per test run.
+    """
+    from models import load_model
+
+    model = load_model(checkpoint, attention="sdpa")
+    try:
+        from export.onnx_export import export_onnx
+    except ImportError:
+        export_onnx = None
+    if export_onnx is not None:
+        export_onnx(model, path, opset=18, precision="fp32", shape="dynamic")
+        return path
+
+    from onnxscript import opset18 as op
+    import onnx_ir as ir
+
+    def remainder(self, other):  # aten.remainder.Scalar whose divisor is a symbolic size
+        other = op.Constant(value=ir.tensor(other, dtype=self.dtype)) if isinstance(other, (int, float)) \
+            else op.CastLike(other, self)
+        return op.Mod(self, other)
+
+    model.deploy(precompute_bias=False)
+    dim = {2: torch.export.Dim("h", min=1, max=4096), 3: torch.export.Dim("w", min=1, max=4096),
+           0: torch.export.Dim("batch", min=1, max=64)}
+    program = torch.onnx.export(
+        model, (torch.rand(1, 3, 40, 36),), None, dynamo=True, opset_version=18, input_names=["lr"],
+        output_names=["sr"], dynamic_shapes={"x": dim}, optimize=True,
+        custom_translation_table={torch.ops.aten.remainder.Scalar: remainder})
+    proto = program.model_proto
+    proto.ir_version = 10
+    for key, value in ESC_METADATA.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+def scale_output(src: Path, dst: Path, factor: float) -> Path:
+    """Copy of ``src`` whose output ``sr`` is multiplied by ``factor`` (a corrupted artifact)."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["sr_raw" if o == "sr" else o for o in node.output]
+    graph.initializer.append(helper.make_tensor("corruption", TensorProto.FLOAT, [], [factor]))
+    graph.node.append(helper.make_node("Mul", ["sr_raw", "corruption"], ["sr"]))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def checkpoint(golden_dir: Path) -> Path:
+    return golden_dir / f"{GOLDEN}.pth"
+
+
+@pytest.fixture(scope="module")
+def set5(shared_dir: Path) -> Path:
+    path = shared_dir / "data" / "Set5"
+    if not path.is_dir():
+        pytest.skip(f"missing shared data: {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def golden_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.getbasetemp() / f"{GOLDEN}.onnx"
+    if not path.exists():
+        export_esc_onnx(checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def one_image(set5: Path, tmp_path: Path) -> Path:
+    """A flat folder holding the smallest Set5 x4 LR image (64x64)."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    shutil.copy(set5 / "LR_bicubic" / "X4" / "butterflyx4.png", folder)
+    (folder / "README").write_text("not an image: ignored in a flat folder")
+    return folder
+
+
+# ----------------------------------------------------------------------------------
+# compare()
+# ----------------------------------------------------------------------------------
+
+
+def test_compare_statistics() -> None:
+    ref = np.zeros((1, 3, 10, 10), dtype=np.float32)
+    cand = ref.copy()
+    cand[0, 1, 2, 3] = 0.5
+    cand[0, 0, :, :] += 1e-5
+    result = compare(ref, torch.from_numpy(cand), atol=1e-4, name="sr")
+    assert not result.passed and result.shape_ok and result.dtype_ok
+    assert result.max_abs == pytest.approx(0.5) and result.worst_index == (0, 1, 2, 3)
+    assert result.mean_abs == pytest.approx((0.5 + 100 * 1e-5) / 300, rel=1e-3)
+    assert result.p99_abs == pytest.approx(1e-5, rel=1e-2)
+    mse = (0.25 + 100 * 1e-10) / 300
+    assert result.psnr == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
+    assert "max abs error 0.5 > atol 0.0001" in result.summary()
+    assert json.dumps(result.as_dict())
+
+    same = compare(ref, ref.copy())
+    assert same.passed and same.max_abs == 0 and same.psnr == math.inf
+    assert json.loads(json.dumps(same.as_dict()))["psnr"] == "inf"
+
+
+def test_compare_shape_dtype_nonfinite_and_psnr_threshold() -> None:
+    ref = np.zeros((2, 3), dtype=np.float32)
+    assert "shape mismatch" in compare(ref, np.zeros((3, 2), np.float32)).summary()
+    mismatch = compare(ref, np.zeros((2, 3), np.float16))
+    assert not mismatch.passed and not mismatch.dtype_ok and "dtype mismatch" in mismatch.summary()
+    assert compare(ref, np.zeros((2, 3), np.float16), check_dtype=False).passed
+    nan = ref.copy()
+    nan[0, 0] = np.nan
+    assert not compare(ref, nan).passed and compare(ref, nan).nonfinite == 1
+    assert compare(nan, nan.copy()).passed  # NaN in the same place on both sides
+    close = ref + 5e-3
+    assert compare(ref, close, atol=2e-2).passed  # PSNR 46 dB
+    failed = compare(ref, close, atol=2e-2, min_psnr=50.0)
+    assert not failed.passed and "PSNR 46.02 dB < 50.00 dB" in failed.summary()
+    results = compare_outputs({"sr": ref, "aux": ref}, {"sr": ref})
+    assert results["sr"].passed and not results["aux"].passed
+
+
+def test_thresholds_are_the_documented_ones() -> None:
+    assert THRESHOLDS["fp32"].atol == 1e-4 and THRESHOLDS["fp32"].min_psnr is None
+    assert THRESHOLDS["fp16"].atol == 2e-2 and THRESHOLDS["fp16"].min_psnr == 50.0
+    import validation.parity as parity
+
+    assert "fp32: max abs error <= 1e-4" in parity.__doc__
+    assert "fp16: max abs error <= 2e-2 and PSNR(runtime vs PyTorch) >= 50 dB" in parity.__doc__
+
+
+# ----------------------------------------------------------------------------------
+# parity.py
+# ----------------------------------------------------------------------------------
+
+
+def run_parity_cli(*args: object, module: bool = False) -> subprocess.CompletedProcess[str]:
+    entry = ["-m", "validation.parity"] if module else [str(Path("validation") / "parity.py")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script must fix sys.path itself
+    return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)
+
+
+def test_help_documents_thresholds() -> None:
+    for module in (False, True):
+        result = run_parity_cli("--help", module=module)
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split())
+        assert "fp32: max abs error <= 0.0001" in text
+        assert "fp16: max abs error <= 0.02 and PSNR >= 50 dB" in text
+
+
+@pytest.mark.slow
+def test_set5_x4_onnx_parity_passes_at_fp32(golden_onnx: Path, checkpoint: Path, set5: Path,
+                                           tmp_path: Path) -> None:
+    report_path = tmp_path / "parity.json"
+    result = run_parity_cli("--artifact", golden_onnx, "--weights", checkpoint, "--dataset", set5,
+                            "--scale", 4, "--json", report_path, "--threads", 2)
+    print(result.stdout)  # the table, shown with pytest -s
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parity PASSED: 5/5 images" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["summary"]["passed"] and report["layout"] == "benchmark" and report["precision"] == "fp32"
+    assert report["runtime"]["runner"] == "onnxruntime" and report["reference_runtime"]["runner"] == "torch"
+    assert [i["name"] for i in report["images"]] == ["babyx4", "birdx4", "butterflyx4", "headx4", "womanx4"]
+    for image in report["images"]:
+        assert image["passed"] and image["comparison"]["max_abs"] <= 1e-4
+        for side in ("runtime", "reference"):  # reported (random weights: low), not judged
+            assert isinstance(image[side]["psnr_y"], float) and 0 < image[side]["ssim_y"] <= 1
+        assert abs(image["runtime"]["psnr_y"] - image["reference"]["psnr_y"]) < 0.01
+    assert report["summary"]["worst_max_abs"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_corrupted_artifact_fails(golden_onnx: Path, checkpoint: Path, one_image: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    bad = scale_output(golden_onnx, tmp_path / "scaled_by_1.01.onnx", 1.01)
+    report_path = tmp_path / "bad.json"
+    code = main(["--artifact", str(bad), "--weights", str(checkpoint), "--dataset", str(one_image),
+                 "--scale", "4", "--json", str(report_path), "--threads", "2", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "parity FAILED: 0/1 images" in out and "max abs error" in out
+    report = json.loads(report_path.read_text())
+    assert report["layout"] == "flat" and not report["summary"]["passed"]
+    image = report["images"][0]
+    assert image["runtime"]["psnr_y"] is None  # flat folder: no HR metrics
+    assert 1e-3 < image["comparison"]["max_abs"] <= 0.011
+
+
+def test_checkpoint_artifact_is_its_own_reference(checkpoint: Path, one_image: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--artifact", str(checkpoint), "--dataset", str(one_image), "--scale", "4", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "parity PASSED: 1/1 images" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--artifact", "{onnx}", "--scale", "4"], "--weights is required"),
+        (["--artifact", "{ckpt}", "--scale", "2"], "the artifact upscales x4, but --scale 2"),
+        (["--artifact", "{ckpt}", "--scale", "4", "--dataset", "{set5}"], "has no LR_bicubic/X4 (found: X2)"),
+        (["--artifact", "missing.onnx", "--weights", "{ckpt}", "--scale", "4"], "no such artifact"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], message: str, checkpoint: Path, one_image: Path, set5: Path,
+                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    onnx_file = tmp_path / "x.onnx"
+    onnx_file.write_bytes(b"")
+    values = {"{onnx}": str(onnx_file), "{ckpt}": str(checkpoint), "{set5}": str(tmp_path / "set5")}
+    if "{set5}" in args:  # a benchmark layout without X4
+        (tmp_path / "set5" / "LR_bicubic" / "X2").mkdir(parents=True)
+    argv = [values.get(a, a) for a in args]
+    if "--dataset" not in argv:
+        argv += ["--dataset", str(one_image)]
+    assert main(argv + ["--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
