@@ -75,8 +75,10 @@ def reflect_indices(size: int | torch.SymInt, before: int | torch.SymInt, after:
     bouncing off the borders instead, and a size-1 axis simply repeats its only pixel.
     This is the documented fallback for tiny inputs.
     """
-    period = torch.sym_max(2 * (size - 1), 1)
     pos = torch.arange(size + before + after, device=device) - before
+    # A 0-d tensor rather than a Python (symbolic) int: exporters translate a tensor
+    # remainder (ONNX ``Mod``) but not one by a symbolic scalar.
+    period = torch.zeros((), dtype=pos.dtype, device=device) + torch.sym_max(2 * (size - 1), 1)
     m = torch.remainder(pos, period)
     return torch.where(m < size, m, period - m)
 
