@@ -1,0 +1,93 @@
+"""benchmarks/run.py: a tiny grid end to end (child processes, outputs, resume, errors).
+
+ESC's windows are 32x32, so 64x64 output at x4 (16x16 input) is the smallest honest size.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run as bench
+
+TINY = ["--models", "esc_light", "--runtimes", "torch,onnxruntime", "--output-size", "64x64",
+        "--warmup", "0", "--repeat", "1", "--scale", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("bench")
+    argv = TINY + ["--out", str(out), "--cache-dir", str(out / "cache")]
+    assert bench.main(argv) == 0
+    return out, argv
+
+
+def test_outputs_have_expected_rows_and_columns(tiny_run: tuple[Path, list[str]]) -> None:
+    out, _ = tiny_run
+    for name in ("results.csv", "results.json", "results.md", "latency.png", "latency_vs_params.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    assert {"cpu", "cpu_count", "versions", "date"} <= set(data["machine"])
+    rows = data["rows"]
+    assert [(r["model"], r["runtime"]) for r in rows] == [("esc_light", "torch"), ("esc_light", "onnxruntime")]
+    torch_row = rows[0]
+    assert torch_row["status"] == "ok", torch_row.get("reason")
+    assert torch_row["input_size"] == "16x16" and torch_row["output_size"] == "64x64"
+    assert torch_row["params"] > 100_000 and torch_row["flops_g"] > 0
+    assert torch_row["latency_p10_ms"] <= torch_row["latency_median_ms"] <= torch_row["latency_p90_ms"]
+    assert torch_row["peak_memory_mb"] is not None and torch_row["torch_version"]
+    # The ONNX row is ok, or a failed row that says why (e.g. the exporter is missing).
+    assert rows[1]["status"] in ("ok", "failed") and (rows[1]["status"] == "ok" or rows[1]["reason"])
+    with open(out / "results.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == bench.COLUMNS
+        assert len(list(reader)) == 2
+    md = (out / "results.md").read_text()
+    assert "| model | params | FLOPs (G) | runtime | precision | latency ms | memory MB |" in md
+    assert "| esc_light |" in md
+
+
+def test_resume_keeps_finished_rows(tiny_run: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out, argv = tiny_run
+    before = json.loads((out / "results.json").read_text())["rows"]
+
+    def no_child(*args, **kwargs):  # any measurement would be a resume bug
+        raise AssertionError("resume measured a finished row again")
+
+    monkeypatch.setattr(bench, "run_child", no_child)
+    assert bench.main(argv + ["--no-plots"]) == 0
+    assert "0 row(s) measured, 2 kept" in capsys.readouterr().out
+    after = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["timestamp"] for r in after] == [r["timestamp"] for r in before]
+
+
+def test_peer_row_without_spandrel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("spandrel") is not None:
+        monkeypatch.setattr(bench, "probe_spandrel", lambda: "ImportError: simulated")
+    monkeypatch.setattr(bench, "run_child", lambda *a, **k: pytest.fail("no child for an unavailable peer"))
+    argv = ["--models", "none", "--peers", "swinir_light", "--runtimes", "torch,tensorrt",
+            "--output-size", "64x64", "--out", str(tmp_path), "--no-plots"]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["model"] == "swinir_light" and rows[0]["status"] == "failed"
+    assert rows[0]["reason"].startswith("spandrel not importable (")
+    assert "pip install -e .[peers]" in rows[0]["reason"] and "torchvision" in rows[0]["reason"]
+    assert rows[1]["status"] == "skipped" and "CUDA" in rows[1]["reason"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--runtimes", "torch,tensorrtt", "unknown runtime(s) tensorrtt; choose from: torch, torch_compile"),
+    ("--models", "esc,edsr", "unknown model(s) edsr; choose from: esc, esc_light"),
+    ("--output-size", "65x64", "not divisible by --scale 4"),
+])
+def test_bad_flags_exit_2(flag: str, value: str, message: str, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        bench.main([flag, value, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
