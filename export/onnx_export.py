@@ -1,0 +1,769 @@
+"""Export an ESC model to ONNX: the library behind ``export/to_onnx.py``.
+
+>>> from models import load_model
+>>> from export.onnx_export import export_onnx
+>>> report = export_onnx(load_model("ESC_DIV2K_X4.pth"), "esc_x4.onnx")      # opset 18, fp32, dynamic
+>>> report.parity_after < 1e-4
+True
+
+Pipeline (each step is a function below; :func:`export_onnx` runs them in order):
+
+1. **prepare** (:func:`prepare_for_export`): a copy of the model, deployed with
+   ``deploy(precompute_bias=False)`` (the exact folds; the dense 16 MB/block bias cache
+   is dropped so the graph gathers the bias from the small table), on the CPU in fp32
+   (traced after ``.half()`` for fp16: the model keeps LayerNorm statistics in fp32
+   through explicit casts, and those casts are in the fp16 graph; see step 4).
+2. **trace** (:func:`trace_model`): ``torch.export.export`` with ``Dim("batch")``,
+   ``Dim("height")``, ``Dim("width")`` (min 1, no max). The example input is
+   ``(2, 3, w + 7, w + 19)`` for window ``w``: both sides need window padding and span two
+   windows, and the batch is 2, so no size is specialised to 0/1 or to "no padding".
+   The few guards tracing still records (``height != 1``, ``windows != 1``, ``h <=
+   padded(h)``) only say which branch of size-generic code was traced; they become
+   runtime asserts, which the ONNX exporter drops. The graph is size-generic, which the
+   tests check in ONNX Runtime at 1x1, 1xN, one window, exact multiples and batch 3.
+   Two export-time helpers, both outside ``models/``:
+
+   - ``aten.remainder.Scalar`` with a *symbolic* divisor (the reflect-padding period
+     ``max(2 (size - 1), 1)``) fails in torchlib (``int(SymbolicTensor)``); a custom
+     translation emits ``Mod`` on the graph value.
+   - the per-image dynamic 3x3 depthwise convolution (``models.layers.
+     dynamic_depthwise3x3``: nine shifted slices, multiplies and adds, ~60 graph nodes
+     per call, 15 to 50 calls per model) is traced as one depthwise ``Conv`` with fixed one-hot
+     weights that gathers the nine taps, a multiply by the per-image kernel and one
+     ``ReduceSum`` (same sum, 4 nodes; the one-hot taps are exact copies, only the
+     summation order differs, ~1e-7). It halves the node count and made the esc x2 export
+     2.7x faster here (102 s -> 38 s: symbolic-shape tracing costs per node); ONNX Runtime
+     runs both forms equally fast. ``compact_dynamic_kernel=False`` (CLI
+     ``--exact-dynamic-kernel``) exports the original form.
+3. **translate** (:func:`translate`): ``torch.onnx.export(program, dynamo=True,
+   opset_version=..., optimize=False)``. Opset 23 turns the window attention's
+   ``scaled_dot_product_attention`` into one native ``Attention`` node; opset 18 into
+   MatMul/Add/Softmax/MatMul. torch's own optimizer is *not* run: its pattern rewriter is
+   quadratic in graph size (5+ minutes on this graph). Instead: constant folding
+   (onnxscript, outputs up to 1 MiB only, so the relative-position index and the dense
+   bias stay computed from the small table instead of 16 MB per block), dead-code
+   elimination, CSE, constants lifted to initializers and deduplicated.
+4. **fp16** (:func:`keep_fp32_math`, :func:`add_fp32_io`): the fp16 graph is the half
+   model's own trace, so the model's fp32 LayerNorm statistics (explicit casts) survive;
+   the reductions and the softmax it leaves in fp16 (global average pool of the kernel
+   estimator, the ``sdpa`` softmax) are wrapped in Casts to fp32, and a native
+   ``Attention`` gets ``softmax_precision=FLOAT``. ``fp32_io=True``: ``Cast`` nodes at
+   the boundary keep a float32 ``lr``/``sr`` around the fp16 graph.
+5. **simplify** (:func:`simplify_graph`): onnxslim (constants above 1 MiB not folded), under a
+   parity check: ONNX Runtime CPU runs the graph before and after on a random input of a
+   size the trace never saw; if the outputs differ by more than ``SIMPLIFY_ATOL``
+   (1e-5 for fp32) the unsimplified graph is kept and the report says why.
+6. **finish**: IR version 10 (onnx 1.23 writes 14; onnxruntime 1.31 reads at most 13),
+   ``esc.*`` metadata, ``onnx.checker.check_model(full_check=True)``, an atomic write
+   (external data above 1.9 GB).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.errors import ESCError
+
+from .common import atomic_output, format_summary, human_size, toolkit_version
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+    from models import ESCBase
+
+INPUT_NAME = "lr"
+OUTPUT_NAME = "sr"
+IR_VERSION = 10
+SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
+CLI_OPSETS = (18, 23)
+NATIVE_ATTENTION_OPSET = 23
+EXPORTABLE_ATTENTION = ("sdpa", "naive", "flashbias")
+PRECISIONS = ("fp32", "fp16")
+# Largest change simplification may make to the outputs (ONNX Runtime, before vs after).
+# fp16: 8 units in the last place at 1.0 (2**-10 each). ONNX Runtime's CPU runs an fp16
+# graph by inserting Casts to fp32 around kernels it only has in fp32, so merely removing
+# a Reshape moves where values are rounded to fp16: onnxslim's shape-only edits changed
+# esc_light's fp16 outputs by 2 ulps (1.95e-3) with identical arithmetic. A real
+# simplification bug moves outputs by orders of magnitude more.
+SIMPLIFY_ATOL = {"fp32": 1e-5, "fp16": 8 * 2.0 ** -10}
+# Constant folding leaves tensors above this many bytes computed in the graph.
+FOLD_LIMIT_BYTES = 1 << 20
+EXTERNAL_DATA_THRESHOLD = int(1.9 * 2**30)
+EXTERNAL_DATA_MIN_TENSOR = 1024        # bytes: smaller tensors stay inside the .onnx
+DEFAULT_ARTIFACT_DIR = Path("artifacts")
+
+Shape = Union[Literal["dynamic"], tuple[int, int]]
+Batch = Union[Literal["dynamic"], int]
+Progress = Callable[[str], None]
+
+
+class OnnxExportError(ESCError, ValueError):
+    """An export request that cannot be satisfied (bad option, unexportable back-end...)."""
+
+
+# -- options ------------------------------------------------------------------------------------
+def parse_shape(value: str | tuple[int, int] | list[int] | None) -> Shape:
+    """``"dynamic"`` (or None) or ``"HxW"`` / ``(H, W)`` -> ``"dynamic"`` or ``(H, W)``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "dynamic"):
+        return "dynamic"
+    if isinstance(value, str):
+        parts = value.lower().replace("*", "x").split("x")
+        try:
+            h, w = (int(p) for p in parts)
+        except ValueError:
+            raise OnnxExportError(f"shape must be 'dynamic' or HxW such as 128x96, got {value!r}") from None
+    else:
+        try:
+            h, w = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise OnnxExportError(f"shape must be 'dynamic' or (H, W), got {value!r}") from None
+    if h < 1 or w < 1:
+        raise OnnxExportError(f"shape sides must be >= 1, got {h}x{w}")
+    return (h, w)
+
+
+def parse_batch(value: str | int | None) -> Batch:
+    """``"dynamic"`` (or None) or a positive batch size."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "dynamic"):
+        return "dynamic"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise OnnxExportError(f"batch must be 'dynamic' or a positive integer, got {value!r}") from None
+    if n < 1:
+        raise OnnxExportError(f"batch must be >= 1, got {n}")
+    return n
+
+
+def shape_label(shape: Shape) -> str:
+    return "dynamic" if shape == "dynamic" else f"{shape[0]}x{shape[1]}"
+
+
+def default_output_path(model: "ESCBase", opset: int = 18, precision: str = "fp32",
+                        directory: Path = DEFAULT_ARTIFACT_DIR) -> Path:
+    """``artifacts/<variant>_x<scale>_<attention>_op<opset>_<precision>.onnx``."""
+    d = model.descriptor
+    return Path(directory) / f"{d.variant}_x{d.scale}_{d.attention}_op{opset}_{precision}.onnx"
+
+
+def _check_options(opset: int, precision: str) -> None:
+    if opset not in SUPPORTED_OPSETS:
+        raise OnnxExportError(f"opset {opset} is not supported: use one of {', '.join(map(str, SUPPORTED_OPSETS))} "
+                              f"(18: decomposed attention; 23: native ONNX Attention)")
+    if precision not in PRECISIONS:
+        raise OnnxExportError(f"precision must be fp32 or fp16, got {precision!r}")
+
+
+# -- 1. prepare -----------------------------------------------------------------------------------
+def prepare_for_export(model: "ESCBase") -> "ESCBase":
+    """An fp32 CPU copy of ``model``, deployed without the dense bias cache, in eval mode.
+
+    The caller's model is not modified. ``flex`` and ``fused`` back-ends cannot be
+    exported (FlexAttention and the Triton kernel have no ONNX form): an
+    :class:`OnnxExportError` says which to use instead.
+    """
+    name = model.attention
+    if name not in EXPORTABLE_ATTENTION:
+        raise OnnxExportError(
+            f"attention={name!r} cannot be exported to ONNX; use one of {', '.join(EXPORTABLE_ATTENTION)} "
+            f"(sdpa gives the native Attention op at opset 23; the numbers are the same).")
+    # Leave the 16 MB/block dense bias caches out of the copy (deploy would drop them anyway).
+    memo = {id(attn.cached_bias): None for attn in model.attention_modules() if attn.cached_bias is not None}
+    prepared = copy.deepcopy(model, memo)
+    prepared = prepared.to("cpu").float()
+    prepared.deploy(precompute_bias=False)
+    if name == "flashbias":
+        with torch.no_grad():   # the low-rank factors are computed once, eagerly, by SVD
+            prepared(torch.zeros(1, 3, 8, 8))
+    return prepared.eval()
+
+
+# -- export-time helpers --------------------------------------------------------------------------
+def _remainder_scalar(self, other):
+    """``aten::remainder.Scalar`` whose divisor may be a symbolic size (a graph value)."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    if isinstance(other, (int, float)):
+        other = op.Constant(value=ir.tensor(other, dtype=self.dtype))
+    else:
+        other = op.CastLike(other, self)
+    if self.dtype.is_integer():
+        return op.Mod(self, other)   # fmod=0: the sign follows the divisor, as torch.remainder
+    return op.Sub(self, op.Mul(op.Floor(op.Div(self, other)), other))
+
+
+def custom_translation_table() -> dict:
+    return {torch.ops.aten.remainder.Scalar: _remainder_scalar}
+
+
+_ONE_HOT_TAPS: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _one_hot_taps(channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """(9 * C, 1, 3, 3) depthwise weights whose output 9c + t is tap t of channel c."""
+    key = (channels, dtype)
+    if key not in _ONE_HOT_TAPS:
+        eye = torch.eye(9, dtype=torch.float32).reshape(9, 1, 3, 3)
+        _ONE_HOT_TAPS[key] = eye.repeat(channels, 1, 1, 1).to(dtype)
+    return _ONE_HOT_TAPS[key]
+
+
+def compact_dynamic_depthwise3x3(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Same sum as :func:`models.layers.dynamic_depthwise3x3`, as Conv + Mul + ReduceSum.
+
+    A depthwise convolution with fixed one-hot weights copies the nine zero-padded
+    shifts of every channel (exactly: one tap is 1, the others 0), the per-image kernel
+    multiplies them and one sum over the taps adds them up (rank 5 at most).
+    """
+    b, c, h, w = x.shape
+    taps = F.conv2d(x, _one_hot_taps(c, x.dtype).to(x.device), padding=1, groups=c)
+    return (taps.reshape(b, c, 9, h, w) * kernel.reshape(b, c, 9, 1, 1)).sum(dim=2)
+
+
+@contextlib.contextmanager
+def _export_context(compact_dynamic_kernel: bool, channels: int, dtype: torch.dtype) -> Iterator[None]:
+    """Patch the dynamic-kernel function (optionally) and quiet torch's export chatter."""
+    import models.blocks as blocks
+
+    original = blocks.dynamic_depthwise3x3
+    if compact_dynamic_kernel:
+        _one_hot_taps(channels, dtype)   # a real constant, made before tracing starts
+        blocks.dynamic_depthwise3x3 = compact_dynamic_depthwise3x3
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export",
+                                               "torch.fx.experimental.symbolic_shapes", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        blocks.dynamic_depthwise3x3 = original
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _backed_size_oblivious() -> Iterator[None]:
+    """What torch.onnx's own capture uses, so sizes 0/1 are not special-cased."""
+    try:
+        patch = torch.fx.experimental._config.patch(backed_size_oblivious=True)
+    except (AttributeError, KeyError):  # pragma: no cover - other torch versions
+        patch = contextlib.nullcontext()
+    with patch:
+        yield
+
+
+# -- 2. trace --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Trace:
+    """A ``torch.export`` program of a prepared model, reusable for several opsets."""
+
+    program: torch.export.ExportedProgram
+    reference: "ESCBase"          # the prepared fp32 model (parity reference)
+    precision: str
+    shape: Shape
+    batch: Batch
+    example_shape: tuple[int, int, int, int]
+    compact_dynamic_kernel: bool
+    seconds: float
+
+    def matches(self, precision: str, shape: Shape, batch: Batch) -> bool:
+        return (self.precision, self.shape, self.batch) == (precision, shape, batch)
+
+
+def example_size(window: int) -> tuple[int, int]:
+    """Trace size for dynamic shapes: both sides padded, two windows each."""
+    return window + 7, window + 19
+
+
+def probe_size(window: int) -> tuple[int, int]:
+    """Parity-check size no dynamic trace sees: one window tall, two wide, other paddings."""
+    return max(window - 5, 1), window + 13
+
+
+def trace_model(model: "ESCBase", precision: str = "fp32", shape: Shape | str = "dynamic",
+                batch: Batch | str | int = "dynamic", compact_dynamic_kernel: bool = True,
+                progress: Progress | None = None) -> Trace:
+    """``torch.export`` the prepared model (see the module docstring for the choices)."""
+    if precision not in PRECISIONS:
+        raise OnnxExportError(f"precision must be fp32 or fp16, got {precision!r}")
+    shape, batch = parse_shape(shape), parse_batch(batch)
+    reference = prepare_for_export(model)
+    traced = copy.deepcopy(reference).half() if precision == "fp16" else reference
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    window = reference.config.window_size
+    h, w = example_size(window) if shape == "dynamic" else shape
+    n = 2 if batch == "dynamic" else batch
+    example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dtype)
+    dims: dict[int, torch.export.Dim] = {}
+    if batch == "dynamic":
+        dims[0] = torch.export.Dim("batch", min=1)
+    if shape == "dynamic":
+        dims[2] = torch.export.Dim("height", min=1)
+        dims[3] = torch.export.Dim("width", min=1)
+    if progress:
+        progress(f"tracing with torch.export ({'x'.join(_dim_words(shape, batch))}, {precision})")
+    start = time.perf_counter()
+    with _export_context(compact_dynamic_kernel, reference.config.pdim, dtype), _backed_size_oblivious():
+        try:
+            program = torch.export.export(traced, (example,), dynamic_shapes=(dims,) if dims else None,
+                                          strict=False, prefer_deferred_runtime_asserts_over_guards=True)
+        except Exception as exc:   # a trace failure is a toolkit bug, but say where it happened
+            raise RuntimeError(f"torch.export failed on {reference.descriptor.variant} "
+                               f"({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return Trace(program, reference, precision, shape, batch, tuple(example.shape), compact_dynamic_kernel,
+                 time.perf_counter() - start)
+
+
+def _dim_words(shape: Shape, batch: Batch) -> list[str]:
+    b = "batch" if batch == "dynamic" else str(batch)
+    hw = ["height", "width"] if shape == "dynamic" else [str(shape[0]), str(shape[1])]
+    return [b, "3", *hw]
+
+
+# -- 3. translate ------------------------------------------------------------------------------------
+def translate(trace: Trace, opset: int = 18) -> "onnx.ModelProto":
+    """ONNX for ``trace`` at ``opset``: translated, cleaned (folding <= 1 MiB, DCE, CSE)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as passes
+    import onnxscript.optimizer as ooptimizer
+
+    _check_options(opset, trace.precision)
+    with _export_context(False, 0, torch.float32), _backed_size_oblivious():
+        program = torch.onnx.export(
+            trace.program, (), dynamo=True, opset_version=opset, optimize=False, verify=False, verbose=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], custom_translation_table=custom_translation_table())
+        model = program.model
+        ir.passes.Sequential(passes.InlinePass(), passes.RemoveUnusedNodesPass())(model)
+        ooptimizer.fold_constants_ir(model, onnx_shape_inference=True,
+                                     output_size_limit=FOLD_LIMIT_BYTES // 4)
+        ir.passes.Sequential(
+            passes.RemoveUnusedNodesPass(),
+            passes.CommonSubexpressionEliminationPass(),
+            passes.RemoveUnusedNodesPass(),
+            passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            passes.DeduplicateInitializersPass(),
+            passes.RemoveUnusedOpsetsPass(),
+        )(model)
+        proto = ir.serde.serialize_model(model)
+    proto.ir_version = IR_VERSION
+    _strip_node_metadata(proto)
+    _name_dims(proto, trace)
+    return proto
+
+
+def _strip_node_metadata(proto: "onnx.ModelProto") -> None:
+    """Drop per-node stack traces and module paths (smaller, machine-independent files)."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        del value.metadata_props[:]
+    del proto.metadata_props[:]
+
+
+def _name_dims(proto: "onnx.ModelProto", trace: Trace) -> None:
+    """Give the symbolic dims readable names: batch, height, width, <s>*height, <s>*width."""
+    import re
+
+    scale = trace.reference.scale
+    mapping: dict[str, str] = {}
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
+        if axis < len(dims) and dims[axis].dim_param:
+            mapping[dims[axis].dim_param] = name
+    if not mapping:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")\b")
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: mapping[m.group(1)], d.dim_param)
+    out = proto.graph.output[0].type.tensor_type.shape.dim
+    for axis, name in ((2, "height"), (3, "width")):
+        if axis < len(out) and out[axis].dim_param:
+            out[axis].dim_param = f"{scale}*{name}"
+
+
+# -- 4. fp16: reductions and softmax in fp32, optional fp32 I/O ---------------------------------------
+FP32_MATH_OPS = ("ReduceMean", "ReduceSum", "Softmax", "GlobalAveragePool")
+
+
+def keep_fp32_math(proto: "onnx.ModelProto") -> int:
+    """In an fp16 graph, run reductions and softmax in fp32 (in place); returns how many.
+
+    The model already computes LayerNorm statistics in fp32 (its casts are in the graph).
+    What it leaves in fp16: the kernel estimator's global average pool (a mean over every
+    pixel) and, with ``sdpa``, the attention softmax. Those nodes get a Cast to fp32 before
+    and back to fp16 after; a native ``Attention`` node gets ``softmax_precision=FLOAT``.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    changed = 0
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Attention" and types.get(node.input[0]) == TensorProto.FLOAT16:
+            attrs = [a for a in node.attribute if a.name != "softmax_precision"]
+            del node.attribute[:]
+            node.attribute.extend([*attrs, helper.make_attribute("softmax_precision", TensorProto.FLOAT)])
+            changed += 1
+        elif node.op_type in FP32_MATH_OPS and types.get(node.input[0]) == TensorProto.FLOAT16:
+            src, dst = node.input[0], node.output[0]
+            up, down = f"{dst}__fp32_in", f"{dst}__fp32_out"
+            nodes.append(helper.make_node("Cast", [src], [up], name=f"{dst}__cast_in", to=TensorProto.FLOAT))
+            node.input[0], node.output[0] = up, down
+            nodes.append(node)
+            nodes.append(helper.make_node("Cast", [down], [dst], name=f"{dst}__cast_out", to=TensorProto.FLOAT16))
+            changed += 1
+            continue
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return changed
+
+
+def add_fp32_io(proto: "onnx.ModelProto") -> None:
+    """Make ``lr``/``sr`` float32 with a Cast on each side of the fp16 graph (in place)."""
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    inner_in, inner_out = f"{INPUT_NAME}_fp16", f"{OUTPUT_NAME}_fp16"
+    for node in graph.node:
+        node.input[:] = [inner_in if n == INPUT_NAME else n for n in node.input]
+        node.output[:] = [inner_out if n == OUTPUT_NAME else n for n in node.output]
+    cast_in = helper.make_node("Cast", [INPUT_NAME], [inner_in], name="cast_lr_to_fp16", to=TensorProto.FLOAT16)
+    cast_out = helper.make_node("Cast", [inner_out], [OUTPUT_NAME], name="cast_sr_to_fp32", to=TensorProto.FLOAT)
+    nodes = [cast_in, *graph.node, cast_out]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
+
+
+# -- parity --------------------------------------------------------------------------------------------
+def ort_session(model: "onnx.ModelProto | bytes | str | Path", threads: int | None = None):
+    """An ONNX Runtime CPU session (warnings silenced)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else (
+        model if isinstance(model, bytes) else str(model))
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Run the graph's ``lr`` -> ``sr`` on ``x`` (cast to the graph's input dtype); float32 out."""
+    session = model if hasattr(model, "run") else ort_session(model)
+    inp = session.get_inputs()[0]
+    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return session.run(None, {inp.name: array.astype(dtype)})[0].astype(np.float32)
+
+
+def _probe(trace: Trace) -> torch.Tensor:
+    window = trace.reference.config.window_size
+    h, w = probe_size(window) if trace.shape == "dynamic" else trace.shape
+    n = 1 if trace.batch == "dynamic" else trace.batch
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(1234))
+
+
+# -- 5. simplify -----------------------------------------------------------------------------------------
+def simplify_graph(proto: "onnx.ModelProto") -> "onnx.ModelProto":
+    """onnxslim with constant folding capped at ``FOLD_LIMIT_BYTES``; a new proto."""
+    import onnxslim
+
+    slim = onnxslim.slim(copy.deepcopy(proto), size_threshold=FOLD_LIMIT_BYTES)
+    if slim is None:   # pragma: no cover - onnxslim returns None only when its own check fails
+        raise RuntimeError("onnxslim returned no model")
+    slim.ir_version = IR_VERSION
+    return slim
+
+
+@dataclasses.dataclass
+class SimplifyResult:
+    model: "onnx.ModelProto"            # the simplified graph, or the input when refused
+    simplified: bool
+    note: str
+    delta: float | None                 # max |after - before| in ONNX Runtime
+    after: np.ndarray | None            # outputs of the simplified graph on the probe
+    removed_ops: dict[str, int]
+    added_ops: dict[str, int]
+
+
+def simplify_checked(proto: "onnx.ModelProto", probe: torch.Tensor, before: np.ndarray,
+                     precision: str = "fp32") -> SimplifyResult:
+    """:func:`simplify_graph` under a parity check: refused if the outputs move > ``SIMPLIFY_ATOL``.
+
+    ``before`` are ONNX Runtime's outputs of ``proto`` on ``probe``. A refusal (or an
+    onnxslim failure) returns ``proto`` itself with the reason in ``note``.
+    """
+    try:
+        slim = simplify_graph(proto)
+    except Exception as exc:   # onnxslim failing must not lose the export
+        return SimplifyResult(proto, False, f"kept unsimplified: onnxslim failed ({type(exc).__name__}: {exc})",
+                              None, None, {}, {})
+    after = run_onnx(slim, probe)
+    delta = float(np.abs(after - before).max()) if after.shape == before.shape else math.inf
+    tol = SIMPLIFY_ATOL[precision]
+    if not delta <= tol:
+        return SimplifyResult(proto, False, f"kept unsimplified: onnxslim changed the outputs by {delta:.2e} > "
+                                            f"{tol:.0e} (ONNX Runtime, before vs after)", delta, after, {}, {})
+    h0, h1 = op_histogram(proto), op_histogram(slim)
+    removed = {op: h0[op] - h1.get(op, 0) for op in h0 if h0[op] > h1.get(op, 0)}
+    added = {op: h1[op] - h0.get(op, 0) for op in h1 if h1[op] > h0.get(op, 0)}
+    return SimplifyResult(slim, True, "simplified", delta, after, removed, added)
+
+
+def op_histogram(proto: "onnx.ModelProto") -> Counter:
+    return Counter(node.op_type for node in proto.graph.node)
+
+
+# -- report ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and measured."""
+
+    path: Path
+    size_bytes: int
+    opset: int
+    ir_version: int
+    precision: str
+    io_dtype: str
+    shape: str
+    batch: str
+    variant: str
+    scale: int
+    attention: str
+    weights_sha256: str
+    metadata: dict[str, str]
+    nodes_exported: int                 # after translation and cleanup, before onnxslim
+    nodes: int                          # in the written file
+    histogram: Counter
+    removed_ops: dict[str, int]         # op type -> nodes onnxslim removed
+    added_ops: dict[str, int]           # op type -> nodes onnxslim added (fusions)
+    simplified: bool
+    simplify_note: str
+    probe_shape: tuple[int, ...]
+    parity_before: float                # max |ONNX Runtime - PyTorch fp32|, before onnxslim
+    parity_after: float | None          # same, after onnxslim (None without simplification)
+    simplify_delta: float | None        # max |after - before| in ONNX Runtime
+    external_data: bool
+    seconds: dict[str, float]
+    trace: Trace | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def parity(self) -> float:
+        """Parity of the written graph."""
+        return self.parity_after if self.simplified and self.parity_after is not None else self.parity_before
+
+    def attention_form(self) -> str:
+        h = self.histogram
+        if h.get("Attention"):
+            return f"native ONNX Attention x{h['Attention']} (opset {self.opset})"
+        return f"decomposed: MatMul x{h.get('MatMul', 0)} + Softmax x{h.get('Softmax', 0)}"
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        top = ", ".join(f"{op} {n}" for op, n in self.histogram.most_common(10))
+        if self.simplified:
+            removed = ", ".join(f"{op} -{n}" for op, n in sorted(self.removed_ops.items(), key=lambda kv: -kv[1]))
+            added = ", ".join(f"{op} +{n}" for op, n in sorted(self.added_ops.items(), key=lambda kv: -kv[1]))
+            nodes = (f"{self.nodes_exported} -> {self.nodes} after onnxslim"
+                     + (f" (removed {removed})" if removed else "") + (f" (added {added})" if added else ""))
+            parity = (f"max abs {self.parity_before:.2e} before, {self.parity_after:.2e} after simplification "
+                      f"(change {self.simplify_delta:.1e})")
+        else:
+            nodes = f"{self.nodes} ({self.simplify_note})"
+            parity = f"max abs {self.parity_before:.2e}"
+        probe = ("unseen " if self.shape == "dynamic" else "random ") + "x".join(map(str, self.probe_shape))
+        weights = ("random or not recorded (no weights hash given)" if self.weights_sha256 == "random"
+                   else f"sha256 {self.weights_sha256[:16]}...")
+        secs = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return [
+            ("artifact", str(self.path) + (" (+ external data)" if self.external_data else "")),
+            ("size", human_size(self.size_bytes)),
+            ("model", f"{self.variant} x{self.scale}, attention {self.attention}, weights {weights}"),
+            ("graph", f"opset {self.opset}, IR {self.ir_version}, {self.precision} (I/O {self.io_dtype}), "
+                      f"lr [{self._dims(INPUT_NAME)}] -> sr [{self._dims(OUTPUT_NAME)}]"),
+            ("nodes", nodes),
+            ("top ops", top),
+            ("attention", self.attention_form()),
+            ("parity", f"ONNX Runtime CPU vs PyTorch fp32 on {probe}: {parity}"),
+            ("time", secs),
+            ("use", f"python -m runtimes.upscale INPUT OUTPUT --artifact {self.path}"),
+        ]
+
+    def _dims(self, which: str) -> str:
+        b = "batch" if self.batch == "dynamic" else self.batch
+        if self.shape == "dynamic":
+            hw = ["height", "width"] if which == INPUT_NAME else [f"{self.scale}*height", f"{self.scale}*width"]
+        else:
+            h, w = (int(v) for v in self.shape.split("x"))
+            k = 1 if which == INPUT_NAME else self.scale
+            hw = [str(h * k), str(w * k)]
+        return ", ".join([str(b), "3", *hw])
+
+    def summary(self) -> str:
+        return format_summary("ONNX export", self.summary_rows())
+
+
+# -- 6. the whole export ---------------------------------------------------------------------------------
+def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 18, precision: str = "fp32",
+                fp32_io: bool = False, shape: Shape | str = "dynamic", batch: Batch | str | int = "dynamic",
+                simplify: bool = True, weights_sha256: str | None = None, *, trace: Trace | None = None,
+                compact_dynamic_kernel: bool = True, progress: Progress | None = None) -> ExportReport:
+    """Export ``model`` to ``path`` (default ``artifacts/<variant>_x<s>_<attn>_op<opset>_<precision>.onnx``).
+
+    ``shape``: ``"dynamic"`` (any height and width) or ``(H, W)`` / ``"HxW"``.
+    ``batch``: ``"dynamic"`` (the default: the tiler sends several tiles per call) or N.
+    ``fp32_io``: with ``precision="fp16"``, keep float32 ``lr``/``sr`` (Casts at the
+    boundary); ignored for fp32. ``trace``: a :class:`Trace` of the same model, precision,
+    shape and batch (``report.trace`` of an earlier export) to skip re-tracing, e.g. to
+    write opset 18 and 23 files. Raises :class:`OnnxExportError` for bad options.
+    """
+    _check_options(opset, precision)
+    shape, batch = parse_shape(shape), parse_batch(batch)
+    path = Path(path) if path is not None else default_output_path(model, opset, precision)
+    seconds: dict[str, float] = {}
+    if trace is None:
+        trace = trace_model(model, precision, shape, batch, compact_dynamic_kernel, progress)
+        seconds["trace"] = trace.seconds
+    elif not trace.matches(precision, shape, batch):
+        raise OnnxExportError(
+            f"the given trace is {trace.precision}, shape {shape_label(trace.shape)}, batch {trace.batch}; "
+            f"this export asks for {precision}, shape {shape_label(shape)}, batch {batch}")
+    reference = trace.reference
+    desc = reference.descriptor
+
+    if progress:
+        progress(f"translating to ONNX opset {opset}")
+    start = time.perf_counter()
+    proto = translate(trace, opset)
+    io_fp32 = precision == "fp32" or fp32_io
+    if precision == "fp16":
+        keep_fp32_math(proto)
+        if fp32_io:
+            add_fp32_io(proto)
+    seconds["translate"] = time.perf_counter() - start
+
+    if progress:
+        progress("checking parity in ONNX Runtime")
+    start = time.perf_counter()
+    probe = _probe(trace)
+    with torch.no_grad():
+        expected = reference(probe).numpy()
+    before = run_onnx(proto, probe)
+    parity_before = float(np.abs(before - expected).max())
+    nodes_exported = len(proto.graph.node)
+    seconds["parity"] = time.perf_counter() - start
+
+    final, simplified, note = proto, False, "not simplified (--no-simplify)"
+    parity_after = delta = None
+    removed: dict[str, int] = {}
+    added: dict[str, int] = {}
+    if simplify:
+        if progress:
+            progress("simplifying with onnxslim")
+        start = time.perf_counter()
+        result = simplify_checked(proto, probe, before, precision)
+        final, simplified, note, delta = result.model, result.simplified, result.note, result.delta
+        removed, added = result.removed_ops, result.added_ops
+        if result.after is not None:
+            parity_after = float(np.abs(result.after - expected).max())
+        if not simplified:
+            warnings.warn(f"error: {note}", RuntimeWarning, stacklevel=2)
+        seconds["simplify"] = time.perf_counter() - start
+
+    sha = weights_sha256 or "random"
+    metadata = {
+        "esc.variant": desc.variant,
+        "esc.arch": reference.config.arch,
+        "esc.scale": str(desc.scale),
+        "esc.window_size": str(desc.window_size),
+        "esc.input_multiple": str(desc.input_multiple),
+        "esc.attention": desc.attention,
+        "esc.opset": str(opset),
+        "esc.precision": precision,
+        "esc.io_dtype": "float32" if io_fp32 else "float16",
+        "esc.weights_sha256": sha,
+        "esc.toolkit_version": toolkit_version(),
+        "esc.shape": shape_label(shape),
+        "esc.batch": "dynamic" if batch == "dynamic" else str(batch),
+        "esc.params": str(desc.params),
+        "esc.exact_variant": str(desc.exact_variant).lower(),
+    }
+    start = time.perf_counter()
+    final = _finish(final, metadata)
+    external = _proto_bytes(final) > EXTERNAL_DATA_THRESHOLD
+    _save(final, path, external)
+    seconds["check+save"] = time.perf_counter() - start
+    size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if external else 0)
+    return ExportReport(
+        path=path, size_bytes=size, opset=opset, ir_version=final.ir_version, precision=precision,
+        io_dtype=metadata["esc.io_dtype"], shape=metadata["esc.shape"], batch=metadata["esc.batch"],
+        variant=desc.variant, scale=desc.scale, attention=desc.attention, weights_sha256=sha, metadata=metadata,
+        nodes_exported=nodes_exported, nodes=len(final.graph.node), histogram=op_histogram(final),
+        removed_ops=removed, added_ops=added, simplified=simplified, simplify_note=note,
+        probe_shape=tuple(probe.shape), parity_before=parity_before, parity_after=parity_after,
+        simplify_delta=delta, external_data=external, seconds=seconds, trace=trace)
+
+
+def _proto_bytes(proto: "onnx.ModelProto") -> int:
+    """Serialized size; protobuf cannot measure messages above 2 GB, which need external data anyway."""
+    try:
+        return proto.ByteSize()
+    except Exception:  # pragma: no cover - only for > 2 GB protos
+        return 2**31
+
+
+def _finish(proto: "onnx.ModelProto", metadata: dict[str, str]) -> "onnx.ModelProto":
+    import onnx
+
+    proto.ir_version = IR_VERSION
+    proto.producer_name = "esc-deploy"
+    proto.producer_version = toolkit_version()
+    proto.doc_string = (f"ESC {metadata['esc.variant']} x{metadata['esc.scale']} super-resolution: "
+                        f"input '{INPUT_NAME}' (N, 3, H, W) RGB in [0, 1], output '{OUTPUT_NAME}' "
+                        f"(N, 3, {metadata['esc.scale']}H, {metadata['esc.scale']}W).")
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    if _proto_bytes(proto) < EXTERNAL_DATA_THRESHOLD:   # larger ones are checked from disk by _save
+        onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _save(proto: "onnx.ModelProto", path: Path, external: bool) -> None:
+    import onnx
+
+    with atomic_output(path) as tmp:
+        if external:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=EXTERNAL_DATA_MIN_TENSOR)
+            onnx.checker.check_model(str(tmp), full_check=True)
+        else:
+            onnx.save_model(proto, str(tmp))
