@@ -245,7 +245,7 @@ _BUILTIN_RUNNERS: tuple[tuple[tuple[str, ...], tuple[str, ...], str, bool], ...]
     ((".onnx",), ("onnx:",), "runtimes.onnx_runner:OnnxRunner", False),
     ((".mlpackage", ".mlmodel"), ("coreml:",), "runtimes.coreml_runner:CoreMLRunner", False),
     ((".xml",), ("openvino:",), "runtimes.openvino_runner:OpenVINORunner", False),
-    ((".engine", ".plan"), ("tensorrt:",), "runtimes.trt_runner:TensorRTRunner", False),
+    ((".engine", ".plan"), ("trt:", "tensorrt:"), "runtimes.trt_runner:TensorRTRunner", False),
 )
 
 # Newest registration first (a later register_runner call overrides a built-in).

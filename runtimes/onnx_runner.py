@@ -332,3 +332,10 @@ class OnnxRunner(Runner):
     def close(self) -> None:
         """Drop the session (describe() keeps working; infer() no longer does)."""
         self.session = None  # type: ignore[assignment]
+
+
+# Plugin-form graphs (export/plugin_onnx.py): run the esc::window_attention node through its
+# onnxruntime-extensions reference (the hook registers the custom-op library only for such graphs).
+from .plugin_ops import session_options_hook as _plugin_ops_hook  # noqa: E402
+
+add_session_options_hook(_plugin_ops_hook)

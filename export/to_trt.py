@@ -1,0 +1,210 @@
+"""Build a TensorRT engine for an ESC model (ONNX export, engine build, parity, latency).
+
+Examples (from the repository root)::
+
+    python export/to_trt.py --weights ESC_DIV2K_X4.pth                          # fp16, plugin attention
+    python export/to_trt.py --weights official:ESC_DIV2K_X4 --precision bf16 -o engines/esc_x4.engine
+    python export/to_trt.py --weights ESC_light_X4.pth --min-shape 1x3x64x64 --opt-shape 4x3x256x256 \\
+        --max-shape 8x3x512x512
+    python export/to_trt.py --weights ESC_DIV2K_X2.pth --attention native --precision fp16   # ONNX Attention op
+    python -m export.to_trt --model esc --scale 4 --dry-run                      # random weights, no build
+
+Steps: (1) the ONNX file the engine is built from, next to the engine: ``plugin`` (default)
+writes the plugin form, one ``esc::window_attention`` node per block that TensorRT runs
+through a Python plugin whose ahead-of-time implementation embeds the fused Triton
+kernel in the engine; ``native`` writes opset 23 with ONNX's ``Attention`` op. (2) the
+engine: strongly typed (the precision is the graph's), one optimisation profile over
+``lr``, a timing cache next to it; its file name encodes precision, shape range,
+TensorRT version, GPU and ONNX hash, and an engine is reused only on an exact name
+match. (3) parity against PyTorch fp32 on a few pictures and a latency summary.
+
+Without TensorRT or a GPU the ONNX file is still written, what is missing is printed with
+how to install it, and the exit status is 2. ``--dry-run`` stops before the build (exit 0).
+Run the engine with ``python -m runtimes.upscale IN OUT --artifact <engine> --device cuda``
+or, for AOT engines, ``trtexec --loadEngine=<engine> --shapes=lr:1x3x256x256``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export import common  # noqa: E402
+from export import trt_build as tb  # noqa: E402
+
+EXIT_CANNOT_BUILD = 2
+EXIT_PARITY_FAILED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="to_trt", description="Build a TensorRT engine for an ESC super-resolution model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    common.add_common_args(p, output_help="engine path stem (default artifacts/<variant>_x<scale>_<attention>_"
+                                          "<precision>.engine); the file written is <stem>.<tag>.engine")
+    p.add_argument("--precision", choices=tb.PRECISIONS, default="fp16", help="engine precision (default fp16)")
+    p.add_argument("--attention", choices=tb.ATTENTION_MODES, default="plugin",
+                   help="plugin: fused Triton kernel as a TensorRT plugin (default); native: ONNX Attention (opset 23)")
+    p.add_argument("--min-shape", default=None, help="profile min NxCxHxW or HxW (default 1x3x16x16)")
+    p.add_argument("--opt-shape", default=None, help="profile opt (default 1x3x256x256, within min..max)")
+    p.add_argument("--max-shape", default=None, help="profile max (default 4x3x512x512)")
+    p.add_argument("--typing", choices=tb.TYPINGS, default="strong",
+                   help="strong: precision in the graph (default; the only mode in TensorRT 11); weak: fp32 graph "
+                        "+ FP16/BF16 builder flags (TensorRT 10)")
+    p.add_argument("--jit", action="store_true",
+                   help="use the plugin's JIT (Python) implementation instead of the AOT kernel")
+    p.add_argument("--dry-run", action="store_true", help="export and check everything, do not build (exit 0)")
+    p.add_argument("--rebuild", action="store_true", help="build even if an engine with the same name exists")
+    p.add_argument("--reexport", action="store_true", help="export the ONNX file even if a matching one exists")
+    p.add_argument("--workspace", type=float, default=None, help="builder workspace limit in GiB")
+    p.add_argument("--ptx-target", default=None,
+                   help="--dry-run: PTX target to compile the plugin kernel for (default: this GPU, else cuda:90)")
+    p.add_argument("--ptx-version", type=int, default=None,
+                   help="PTX ISA version of the AOT kernel, e.g. 84 for 8.4 (default: what the driver accepts)")
+    p.add_argument("--images", type=Path, default=None, help="folder of pictures for the parity check "
+                                                              "(default: synthetic pictures)")
+    p.add_argument("--iterations", type=int, default=30, help="latency iterations (default 30)")
+    p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    return p
+
+
+def _progress(message: str) -> None:
+    print(f"[to_trt] {message}...", file=sys.stderr, flush=True)
+
+
+def _ptx_row(args: argparse.Namespace, env: tb.Environment, step: tb.OnnxStep) -> tuple[str, str]:
+    """Compile the plugin's AOT kernel (no GPU needed) as the dry run's last check."""
+    if args.attention != "plugin" or args.jit:
+        return ("AOT kernel", "not used")
+    from export import trt_plugin
+
+    target = args.ptx_target or (f"cuda:{env.compute_capability}" if env.compute_capability else trt_plugin.DEFAULT_TARGET)
+    meta = step.metadata
+    try:
+        window, heads = int(meta.get("esc.plugin_window", 0)), int(meta.get("esc.plugin_heads", 0))
+        kernel = trt_plugin.compile_kernel(meta.get("esc.precision", "fp32"), window, heads, target=target,
+                                           ptx_version=args.ptx_version)
+    except Exception as exc:  # report, do not fail the dry run: the build would say the same
+        return ("AOT kernel", f"NOT compiled for {target}: {type(exc).__name__}: {exc}")
+    return ("AOT kernel", f"{kernel.metadata.name} compiled to PTX for {target} ({len(kernel.asm['ptx'])} chars, "
+                          f"{kernel.metadata.num_warps} warps, {kernel.metadata.shared} B shared memory)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    profile = tb.ShapeProfile.parse(args.min_shape, args.opt_shape, args.max_shape)   # before the slow load
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
+    model, sha = common.resolve_weights_arg(args.model, args.scale, args.weights, attention="sdpa", deploy=False)
+    output = args.output or tb.default_output(model, args.precision, args.attention)
+    if output.suffix not in (".engine", ".plan"):
+        print(f"note: {output} does not end in .engine; the engine is written as {output.name}.<tag>.engine",
+              file=sys.stderr)
+
+    step = tb.export_for_trt(model, output, args.attention, args.precision, args.typing, sha, args.jit,
+                             args.reexport, _progress)
+    if not step.reused:
+        common.print_summary("ONNX for TensorRT", step.rows)
+    env = tb.probe_environment()
+    missing = env.missing(args.attention)
+    onnx_sha = tb.file_digest(step.path)
+    tag = tb.engine_tag(args.precision, args.typing, args.attention, profile, env.tensorrt_version, env.gpu_name,
+                        onnx_sha)
+    engine = tb.engine_path_for(output, tag)
+    cache = tb.timing_cache_path(output, env.tensorrt_version, env.gpu_name)
+    plan_rows = [
+        ("onnx", f"{step.path}" + (" (reused)" if step.reused else "")),
+        ("engine", f"{engine}" + (" (exists: would be reused)" if engine.is_file() and not args.rebuild else "")),
+        ("timing cache", str(cache)),
+        ("profile", f"lr {profile.describe()} (min .. opt .. max)"),
+        ("precision", f"{args.precision}, {args.typing} typing, attention {args.attention}"
+                      + (" (JIT plugin)" if args.jit else "")),
+        *env.rows(),
+    ]
+
+    if args.dry_run:
+        plan_rows.append(_ptx_row(args, env, step))
+        if missing:
+            plan_rows.append(("to build", "\n".join(f"missing: {m}" for m in missing)))
+        common.print_summary("TensorRT build plan (dry run: nothing built)", plan_rows)
+        return 0
+
+    if missing:
+        print(f"error: cannot build the TensorRT engine on this machine. The {args.attention}-form ONNX file is "
+              f"ready: {step.path}", file=sys.stderr)
+        for item in missing:
+            print(f"  missing: {item}", file=sys.stderr)
+        again = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
+        print(f"  then run again on a machine with TensorRT and an NVIDIA GPU: python export/to_trt.py {again}",
+              file=sys.stderr, flush=True)
+        return EXIT_CANNOT_BUILD
+
+    # -- build (or reuse on an exact name match) ------------------------------------------------------
+    info = {
+        "metadata": step.metadata, "tensorrt_version": env.tensorrt_version, "gpu": env.gpu_name,
+        "compute_capability": env.compute_capability, "precision": args.precision, "typing": args.typing,
+        "attention": args.attention, "profile": {"min": list(profile.min), "opt": list(profile.opt),
+                                                 "max": list(profile.max)},
+        "onnx": str(step.path), "onnx_sha256": onnx_sha, "toolkit_version": common.toolkit_version(),
+        "plugin": (f"esc::window_attention ({'JIT' if args.jit else 'AOT'})" if args.attention == "plugin" else None),
+    }
+    reused = engine.is_file() and not args.rebuild
+    if reused:
+        _progress(f"reusing {engine} (exact name match: same precision, profile, TensorRT, GPU and ONNX)")
+        build_seconds = 0.0
+        if not tb.sidecar_exists(engine):
+            tb.write_sidecar(engine, info)
+    else:
+        build_seconds, _ = tb.build_engine(step.path, engine, profile, args.precision, args.typing, args.attention,
+                                           cache, args.workspace, args.jit, args.verbose, _progress,
+                                           ptx_version=args.ptx_version)
+        info["built_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        info["build_seconds"] = round(build_seconds, 1)
+        tb.write_sidecar(engine, info)
+
+    # -- parity and latency ---------------------------------------------------------------------------
+    import torch
+
+    from runtimes.trt_runner import TensorRTRunner
+
+    _progress("checking parity against PyTorch fp32")
+    runner = TensorRTRunner(engine, device="cuda")
+    reference = copy.deepcopy(model).deploy().to("cuda").float().eval()
+    images = tb.load_images(args.images, profile) if args.images else tb.synthetic_images(profile)
+    ok, parity = tb.check_parity(runner, reference, images, args.precision)
+    _progress("measuring latency")
+    opt = profile.opt
+    trt_latency = tb.benchmark(runner.infer, opt, iterations=args.iterations)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    torch_model = reference.to(torch_dtype)
+    torch_latency = tb.benchmark(lambda x: torch_model(x), opt, iterations=args.iterations, dtype=torch_dtype)
+    megapixels = opt[0] * opt[2] * opt[3] * runner.scale ** 2 / 1e6
+    rows = [
+        ("engine", f"{engine}" + (" (reused)" if reused else f" (built in {build_seconds:.0f} s)")),
+        ("onnx", str(step.path)),
+        ("profile", f"lr {profile.describe()}"),
+        ("build", f"{args.precision}, {args.typing} typing, {args.attention} attention, TensorRT "
+                  f"{env.tensorrt_version}, {env.gpu_name}"),
+        *[(f"parity {r['shape']}", f"PSNR {r['psnr']:.1f} dB, max abs {r['max_abs']:.2e} vs PyTorch fp32"
+           + ("" if r["ok"] else f"  FAILED (< {tb.PARITY_MIN_PSNR[args.precision]:.0f} dB)")) for r in parity],
+        ("latency", f"TensorRT {trt_latency['median_ms']:.2f} ms median (p90 {trt_latency['p90_ms']:.2f}) at "
+                    f"{'x'.join(map(str, opt))}, {megapixels / (trt_latency['median_ms'] / 1e3):.1f} output MP/s; "
+                    f"PyTorch {args.precision} eager {torch_latency['median_ms']:.2f} ms"),
+        ("use", f"python -m runtimes.upscale INPUT OUTPUT --artifact {engine} --device cuda"),
+    ]
+    common.print_summary("TensorRT engine", rows)
+    runner.close()
+    if not ok:
+        print("error: the engine does not match PyTorch within the parity floor (see above)", file=sys.stderr)
+        return EXIT_PARITY_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,524 @@
+"""TensorRT engines for ESC: the library behind ``export/to_trt.py``.
+
+Pipeline (each step a function below):
+
+1. **ONNX** (:func:`export_for_trt`): ``plugin`` attention writes the plugin-form graph
+   (:func:`export.plugin_onnx.export_plugin_onnx`: one ``esc::window_attention`` node per
+   block, AOT implementation requested); ``native`` writes the opset-23 graph whose
+   attention is the ONNX ``Attention`` op (:func:`export.onnx_export.export_onnx`). The
+   graph carries the precision (strong typing, below). A file already there whose
+   ``esc.*`` metadata matches (weights hash, attention, precision, opset, toolkit version,
+   dynamic shapes) is reused.
+2. **environment** (:func:`probe_environment`): TensorRT (>= 10.9 with ``tensorrt.plugin``),
+   a CUDA GPU, Triton (AOT kernel compilation). What is missing is listed with its fix.
+3. **engine** (:func:`build_engine`): ``trt.Builder`` -> network (explicit batch;
+   ``STRONGLY_TYPED`` by default: the precision is the graph's, as TensorRT 11 requires;
+   ``typing="weak"`` keeps TensorRT 10's fp32 graph + ``BuilderFlag.FP16/BF16`` route),
+   ``PREFER_AOT_PYTHON_PLUGINS``, ``trt.OnnxParser.parse_from_file`` with the plugin
+   registered, one optimisation profile over ``lr`` (min/opt/max), a timing cache file next
+   to the engine (read before, written after), ``build_serialized_network``, atomic write.
+   The engine's *file name* encodes precision, typing, attention, shape range, TensorRT
+   version, GPU name and the ONNX file's hash (:func:`engine_tag`): an engine is reused
+   only on an exact name match, so a stale one (other TensorRT, GPU, weights or profile)
+   is never loaded. A JSON sidecar ``<engine>.json`` records the ``esc.*`` metadata for
+   :class:`runtimes.trt_runner.TensorRTRunner`.
+4. **parity** (:func:`check_parity`) against PyTorch fp32 on a few images, and a latency
+   summary (:func:`benchmark`).
+
+Running an engine without Python: AOT engines embed the kernel, so ``trtexec
+--loadEngine=<engine> --shapes=lr:1x3x256x256`` runs them as is (no ``--dynamicPlugins``:
+that flag loads C++ plugin libraries, and this plugin is a Python one; building from the
+ONNX file therefore needs Python, i.e. this module).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from models.errors import ESCError
+
+from .common import atomic_output, sha256_file, toolkit_version
+
+if TYPE_CHECKING:  # pragma: no cover
+    from models import ESCBase
+
+ATTENTION_MODES = ("plugin", "native")
+PRECISIONS = ("fp16", "bf16", "fp32")
+TYPINGS = ("strong", "weak")
+INPUT_NAME = "lr"
+NATIVE_OPSET = 23
+PLUGIN_OPSET = 18
+DEFAULT_PROFILE = ((1, 3, 16, 16), (1, 3, 256, 256), (4, 3, 512, 512))
+# Parity against PyTorch fp32 (PSNR of the engine's output vs PyTorch's, both clamped to [0, 1]).
+PARITY_MIN_PSNR = {"fp32": 60.0, "fp16": 40.0, "bf16": 34.0}
+DEFAULT_ARTIFACT_DIR = Path("artifacts")
+
+Progress = Callable[[str], None]
+
+
+class TrtBuildError(ESCError, ValueError):
+    """A TensorRT build request that cannot be satisfied (bad option, failed parse or build)."""
+
+
+# -- shapes -------------------------------------------------------------------------------------------
+def parse_shape_arg(text: str | tuple | list, what: str = "shape") -> tuple[int, int, int, int]:
+    """``"1x3x256x256"``, ``"lr:1x3x256x256"``, ``"256x256"`` (batch 1) or a tuple -> (N, 3, H, W)."""
+    if isinstance(text, (tuple, list)):
+        values = [int(v) for v in text]
+    else:
+        body = str(text).strip().lower()
+        if ":" in body:
+            name, body = body.split(":", 1)
+            if name.strip() not in (INPUT_NAME, ""):
+                raise TrtBuildError(f"{what}: the input is called '{INPUT_NAME}', not {name!r}")
+        try:
+            values = [int(v) for v in body.replace("*", "x").replace(",", "x").split("x")]
+        except ValueError:
+            raise TrtBuildError(f"{what} must look like 1x3x256x256 or 256x256, got {text!r}") from None
+    if len(values) == 2:
+        values = [1, 3, *values]
+    if len(values) != 4:
+        raise TrtBuildError(f"{what} must have 4 dims (N, 3, H, W) or 2 (H, W), got {text!r}")
+    if values[1] != 3:
+        raise TrtBuildError(f"{what}: ESC takes 3-channel RGB input, got {values[1]} channels in {text!r}")
+    if min(values) < 1:
+        raise TrtBuildError(f"{what}: every dim must be >= 1, got {text!r}")
+    return tuple(values)  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeProfile:
+    """One TensorRT optimisation profile over ``lr``: min <= opt <= max in every dim."""
+
+    min: tuple[int, int, int, int]
+    opt: tuple[int, int, int, int]
+    max: tuple[int, int, int, int]
+
+    @classmethod
+    def parse(cls, min_shape: Any = None, opt_shape: Any = None, max_shape: Any = None) -> "ShapeProfile":
+        lo = parse_shape_arg(min_shape, "--min-shape") if min_shape is not None else DEFAULT_PROFILE[0]
+        hi = parse_shape_arg(max_shape, "--max-shape") if max_shape is not None else DEFAULT_PROFILE[2]
+        if opt_shape is not None:
+            opt = parse_shape_arg(opt_shape, "--opt-shape")
+        else:   # the default opt, pulled into [min, max]
+            opt = tuple(min(max(d, a), b) for d, a, b in zip(DEFAULT_PROFILE[1], lo, hi))
+        profile = cls(lo, opt, hi)  # type: ignore[arg-type]
+        profile.validate()
+        return profile
+
+    def validate(self) -> None:
+        for axis, name in enumerate(("batch", "channels", "height", "width")):
+            a, b, c = self.min[axis], self.opt[axis], self.max[axis]
+            if not a <= b <= c:
+                raise TrtBuildError(f"profile {name}: need min <= opt <= max, got {a}, {b}, {c} "
+                                    f"(--min-shape/--opt-shape/--max-shape)")
+
+    def label(self) -> str:
+        lo, opt, hi = self.min, self.opt, self.max
+        return (f"b{lo[0]}-{hi[0]}_{lo[2]}x{lo[3]}-{hi[2]}x{hi[3]}_opt{opt[0]}x{opt[2]}x{opt[3]}")
+
+    def describe(self) -> str:
+        return " .. ".join("x".join(map(str, s)) for s in (self.min, self.opt, self.max))
+
+
+# -- environment --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Environment:
+    """What this machine has for the TensorRT path."""
+
+    tensorrt_version: str | None = None
+    tensorrt_error: str | None = None
+    has_plugin_api: bool = False
+    has_aot: bool = False
+    cuda: bool = False
+    gpu_name: str | None = None
+    compute_capability: str | None = None
+    cuda_error: str | None = None
+    triton_version: str | None = None
+    triton_error: str | None = None
+
+    def missing(self, attention: str = "plugin") -> list[str]:
+        """One sentence per missing requirement, each with its fix (empty: ready to build)."""
+        from .trt_plugin import MIN_TRT_VERSION, tensorrt_install_hint, tensorrt_version_tuple
+
+        out = []
+        if self.tensorrt_version is None:
+            out.append(f"TensorRT is not installed ({self.tensorrt_error}). {tensorrt_install_hint()}.")
+        elif attention == "plugin" and (not self.has_plugin_api
+                                        or tensorrt_version_tuple(self.tensorrt_version) < MIN_TRT_VERSION):
+            out.append(f"TensorRT {self.tensorrt_version} is too old for the Python plugin path: TensorRT >= "
+                       f"{'.'.join(map(str, MIN_TRT_VERSION))} (tensorrt.plugin with aot_impl) is needed: "
+                       f"pip install -U tensorrt-cu12 (from NVIDIA's index), or use --attention native.")
+        if not self.cuda:
+            out.append(f"no CUDA GPU is visible to PyTorch ({self.cuda_error}): TensorRT builds and runs engines on "
+                       f"an NVIDIA GPU; install the NVIDIA driver and a CUDA build of torch "
+                       f"(pip install torch --index-url https://download.pytorch.org/whl/cu128).")
+        if attention == "plugin" and self.triton_version is None:
+            out.append(f"Triton is not installed ({self.triton_error}): the plugin's kernel is compiled with it; "
+                       f"pip install triton (CUDA builds of torch ship it).")
+        return out
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [("TensorRT", self.tensorrt_version or f"missing ({self.tensorrt_error})"),
+                ("GPU", f"{self.gpu_name} (sm_{self.compute_capability})" if self.cuda
+                 else f"none ({self.cuda_error})"),
+                ("Triton", self.triton_version or f"missing ({self.triton_error})")]
+
+
+def probe_environment() -> Environment:
+    """Look for TensorRT, a CUDA GPU and Triton without failing."""
+    env = Environment()
+    try:
+        import tensorrt as trt
+
+        env.tensorrt_version = str(getattr(trt, "__version__", "unknown"))
+        try:
+            import tensorrt.plugin as trtp
+
+            env.has_plugin_api = True
+            env.has_aot = hasattr(trtp, "aot_impl")
+        except ImportError:
+            env.has_plugin_api = False
+    except ImportError as exc:
+        env.tensorrt_error = f"import tensorrt: {exc}"
+    except Exception as exc:  # a broken install (missing libnvinfer) raises OSError and friends
+        env.tensorrt_error = f"import tensorrt failed: {type(exc).__name__}: {exc}"
+    if torch.cuda.is_available():
+        env.cuda = True
+        env.gpu_name = torch.cuda.get_device_name()
+        major, minor = torch.cuda.get_device_capability()
+        env.compute_capability = f"{major}{minor}"
+    else:
+        env.cuda_error = f"torch {torch.__version__}, torch.cuda.is_available() is False"
+    try:
+        import triton
+
+        env.triton_version = triton.__version__
+    except ImportError as exc:
+        env.triton_error = str(exc)
+    return env
+
+
+# -- names --------------------------------------------------------------------------------------------
+def slug(text: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "unknown"
+
+
+def engine_tag(precision: str, typing: str, attention: str, profile: ShapeProfile, trt_version: str | None,
+               gpu_name: str | None, onnx_sha256: str) -> str:
+    """What an engine was built from and for; part of its file name (reuse on exact match only)."""
+    trt = f"trt{trt_version}" if trt_version else "trt-missing"
+    gpu = slug(gpu_name) if gpu_name else "no-gpu"
+    typing_label = "" if typing == "strong" else "-weak"
+    return f"{attention}_{precision}{typing_label}_{profile.label()}_{trt}_{gpu}_onnx{onnx_sha256[:10]}"
+
+
+def engine_path_for(output: Path, tag: str) -> Path:
+    """``out/x.engine`` + tag -> ``out/x.<tag>.engine`` (``.plan`` kept when asked for)."""
+    suffix = output.suffix if output.suffix in (".engine", ".plan") else ".engine"
+    stem = output.name[: -len(output.suffix)] if output.suffix in (".engine", ".plan") else output.name
+    return output.with_name(f"{stem}.{tag}{suffix}")
+
+
+def onnx_path_for(output: Path, attention: str, graph_precision: str) -> Path:
+    """``out/x.engine`` -> ``out/x.plugin.fp16.onnx`` (the ONNX the engine is built from)."""
+    stem = output.name[: -len(output.suffix)] if output.suffix in (".engine", ".plan") else output.name
+    return output.with_name(f"{stem}.{attention}.{graph_precision}.onnx")
+
+
+def timing_cache_path(output: Path, trt_version: str | None, gpu_name: str | None) -> Path:
+    """One timing cache per TensorRT version and GPU, next to the engine."""
+    stem = output.name[: -len(output.suffix)] if output.suffix in (".engine", ".plan") else output.name
+    trt = f"trt{trt_version}" if trt_version else "trt-missing"
+    return output.with_name(f"{stem}.{trt}_{slug(gpu_name or 'no-gpu')}.timing-cache")
+
+
+def default_output(model: "ESCBase", precision: str, attention: str) -> Path:
+    d = model.descriptor
+    return DEFAULT_ARTIFACT_DIR / f"{d.variant}_x{d.scale}_{attention}_{precision}.engine"
+
+
+# -- 1. ONNX ------------------------------------------------------------------------------------------
+def graph_precision(precision: str, typing: str) -> str:
+    """The ONNX graph's precision: the requested one (strong typing) or fp32 (weak typing)."""
+    return precision if typing == "strong" else "fp32"
+
+
+def graph_opset(attention: str, precision: str) -> int:
+    from .plugin_onnx import BF16_MIN_OPSET
+
+    if attention == "native":
+        return NATIVE_OPSET
+    return BF16_MIN_OPSET if precision == "bf16" else PLUGIN_OPSET
+
+
+def expected_metadata(attention: str, precision: str, opset: int, weights_sha256: str | None, jit: bool,
+                      model: "ESCBase") -> dict[str, str]:
+    """The ``esc.*`` entries a reusable ONNX file must have."""
+    from .plugin_onnx import ATTENTION_LABEL
+
+    d = model.descriptor
+    meta = {"esc.weights_sha256": weights_sha256 or "random", "esc.precision": precision, "esc.opset": str(opset),
+            "esc.shape": "dynamic", "esc.batch": "dynamic", "esc.toolkit_version": toolkit_version(),
+            "esc.variant": d.variant, "esc.scale": str(d.scale), "esc.io_dtype": "float32",
+            "esc.attention": ATTENTION_LABEL if attention == "plugin" else "sdpa"}
+    if attention == "plugin":
+        meta["esc.plugin_aot"] = "0" if jit else "1"
+    return meta
+
+
+def onnx_is_current(path: Path, expected: dict[str, str]) -> bool:
+    """Whether ``path`` exists, passes ``onnx.checker`` and has every ``expected`` metadata entry."""
+    if not path.is_file():
+        return False
+    from .plugin_onnx import read_metadata
+
+    meta = read_metadata(path)
+    if any(meta.get(k) != v for k, v in expected.items()):
+        return False
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+    except Exception:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class OnnxStep:
+    path: Path
+    reused: bool
+    rows: list[tuple[str, str]]
+    metadata: dict[str, str]
+    seconds: float
+
+
+def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", precision: str = "fp16",
+                   typing: str = "strong", weights_sha256: str | None = None, jit: bool = False,
+                   reexport: bool = False, progress: Progress | None = None) -> OnnxStep:
+    """Write (or reuse) the ONNX file the engine ``output`` is built from."""
+    from .plugin_onnx import export_plugin_onnx, read_metadata
+
+    if attention not in ATTENTION_MODES:
+        raise TrtBuildError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    if typing not in TYPINGS:
+        raise TrtBuildError(f"typing must be strong or weak, got {typing!r}")
+    gp = graph_precision(precision, typing)
+    if attention == "native" and gp == "bf16":
+        raise TrtBuildError("a bf16 graph is available with --attention plugin only (export.onnx_export writes "
+                            "fp32 and fp16); use --attention plugin, --precision fp16, or --typing weak")
+    opset = graph_opset(attention, gp)
+    path = onnx_path_for(output, attention, gp)
+    expected = expected_metadata(attention, gp, opset, weights_sha256, jit, model)
+    start = time.perf_counter()
+    if not reexport and onnx_is_current(path, expected):
+        if progress:
+            progress(f"reusing {path} (same weights, precision, opset and toolkit version)")
+        return OnnxStep(path, True, [("onnx", f"{path} (reused)")], read_metadata(path), time.perf_counter() - start)
+    if attention == "plugin":
+        report = export_plugin_onnx(model, path, opset=opset, shape="dynamic", weights_sha256=weights_sha256,
+                                    batch="dynamic", precision=gp, aot=not jit, check_parity=gp == "fp32",
+                                    progress=progress)
+        rows, meta = report.summary_rows(), report.metadata
+    else:
+        from . import onnx_export as ox
+
+        native = model
+        if native.attention not in ox.EXPORTABLE_ATTENTION:
+            import copy
+
+            native = copy.deepcopy(model).set_attention("sdpa")
+        report = ox.export_onnx(native, path, opset=opset, precision=gp, fp32_io=True, shape="dynamic",
+                                batch="dynamic", weights_sha256=weights_sha256, progress=progress)
+        rows, meta = report.summary_rows(), report.metadata
+    return OnnxStep(path, False, rows, meta, time.perf_counter() - start)
+
+
+# -- 3. engine ----------------------------------------------------------------------------------------
+def _parser_errors(parser: Any) -> list[str]:
+    errors = []
+    for i in range(getattr(parser, "num_errors", 0)):
+        err = parser.get_error(i)
+        desc = err.desc() if hasattr(err, "desc") else str(err)
+        node = err.node_name() if hasattr(err, "node_name") else ""
+        op = err.node_operator() if hasattr(err, "node_operator") else ""
+        errors.append(f"{desc}" + (f" (node {node}, op {op})" if node or op else ""))
+    return errors
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, precision: str = "fp16",
+                 typing: str = "strong", attention: str = "plugin", timing_cache: Path | None = None,
+                 workspace_gib: float | None = None, jit: bool = False, verbose: bool = False,
+                 progress: Progress | None = None, ptx_version: int | None = None) -> tuple[float, dict[str, Any] | None]:
+    """Parse ``onnx_path`` and build a serialized engine at ``engine_path``; (seconds, plugin info)."""
+    from .trt_plugin import import_tensorrt, register_plugin
+
+    trt, _ = import_tensorrt()
+    start = time.perf_counter()
+    plugin = register_plugin(ptx_version=ptx_version) if attention == "plugin" else None
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    flags_enum = trt.NetworkDefinitionCreationFlag
+    flags = 0
+    # TensorRT < 10 needs EXPLICIT_BATCH; 10.x networks are always explicit-batch (the flag is a deprecated no-op).
+    if hasattr(flags_enum, "EXPLICIT_BATCH") and int(str(trt.__version__).split(".")[0]) < 10:
+        flags |= 1 << int(flags_enum.EXPLICIT_BATCH)
+    if typing == "strong":
+        flags |= 1 << int(flags_enum.STRONGLY_TYPED)
+    if attention == "plugin":
+        preference = "PREFER_JIT_PYTHON_PLUGINS" if jit else "PREFER_AOT_PYTHON_PLUGINS"
+        if hasattr(flags_enum, preference):
+            flags |= 1 << int(getattr(flags_enum, preference))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if progress:
+        progress(f"parsing {onnx_path}")
+    if not parser.parse_from_file(str(onnx_path)):
+        raise TrtBuildError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(_parser_errors(parser)))
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if INPUT_NAME not in names:
+        raise TrtBuildError(f"{onnx_path} has inputs {names}; expected '{INPUT_NAME}'")
+
+    config = builder.create_builder_config()
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if typing == "weak" and precision != "fp32":
+        flag = {"fp16": "FP16", "bf16": "BF16"}[precision]
+        if not hasattr(trt.BuilderFlag, flag):
+            raise TrtBuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weak typing was removed in "
+                                f"TensorRT 11): use --typing strong")
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(INPUT_NAME, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(opt_profile)
+    cache = None
+    if timing_cache is not None:
+        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    if progress:
+        progress(f"building the engine ({precision}, {typing} typing, profile {profile.describe()}); "
+                 f"this takes minutes")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TrtBuildError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
+    with atomic_output(engine_path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(serialized)
+    if timing_cache is not None:
+        updated = config.get_timing_cache()
+        if updated is not None:
+            with atomic_output(timing_cache) as tmp:
+                with open(tmp, "wb") as fh:
+                    fh.write(updated.serialize())
+    return time.perf_counter() - start, plugin
+
+
+def write_sidecar(engine_path: Path, info: dict[str, Any]) -> Path:
+    """``<engine>.json``: what the runner needs to know about the engine."""
+    from runtimes.trt_runner import sidecar_path
+
+    path = sidecar_path(engine_path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def sidecar_exists(engine_path: Path) -> bool:
+    from runtimes.trt_runner import sidecar_path
+
+    return sidecar_path(engine_path).is_file()
+
+
+# -- 4. parity and latency ----------------------------------------------------------------------------
+def synthetic_images(profile: ShapeProfile, count: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic test pictures (smooth gradients, edges, texture) at sizes inside the profile.
+
+    Sizes: the profile's opt, an odd size near it (both sides need window padding), and a
+    small one near the min, each clamped to [min, max].
+    """
+    lo, opt, hi = profile.min, profile.opt, profile.max
+    sizes = [(opt[2], opt[3]), (opt[2] - 13, opt[3] + 7), (lo[2] + 21, lo[3] + 37)]
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for h, w in sizes[:count]:
+        h, w = min(max(h, lo[2]), hi[2]), min(max(w, lo[3]), hi[3])
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        base = torch.stack([0.5 + 0.4 * torch.sin(6 * xx + 3 * yy), yy, 0.5 + 0.4 * torch.cos(9 * xx * yy)])
+        edges = ((xx * 7).floor() % 2 == (yy * 5).floor() % 2).float()
+        img = 0.7 * base + 0.2 * edges + 0.1 * torch.rand(3, h, w, generator=gen)
+        images.append(img.clamp(0, 1)[None])
+    return images
+
+
+def load_images(directory: Path, profile: ShapeProfile, limit: int = 5) -> list[torch.Tensor]:
+    """Up to ``limit`` pictures from ``directory`` (cropped to the profile's max sides)."""
+    from runtimes.imageio import read_image, to_tensor
+
+    files = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp",
+                                                                                 ".tif", ".tiff", ".webp"))
+    if not files:
+        raise TrtBuildError(f"no images in {directory}")
+    hi = profile.max
+    return [to_tensor(read_image(p).rgb)[:, :, : hi[2], : hi[3]] for p in files[:limit]]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def check_parity(runner: Any, reference: "ESCBase", images: list[torch.Tensor], precision: str,
+                 device: str = "cuda") -> tuple[bool, list[dict[str, Any]]]:
+    """Engine vs PyTorch fp32 (sdpa) on each image: max abs difference and PSNR."""
+    reference = reference.to(device).float().eval()
+    rows, ok = [], True
+    floor = PARITY_MIN_PSNR[precision]
+    for img in images:
+        x = img.to(device)
+        got = runner.infer(x)
+        want = reference(x)
+        value = psnr(got, want)
+        row = {"shape": "x".join(map(str, x.shape)), "max_abs": float((got - want).abs().max()), "psnr": value,
+               "ok": value >= floor}
+        ok &= row["ok"]
+        rows.append(row)
+    return ok, rows
+
+
+@torch.no_grad()
+def benchmark(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], iterations: int = 30,
+              warmup: int = 5, device: str = "cuda", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Latency of ``fn`` on a random ``shape`` batch (CUDA events): median, p90, mean in ms."""
+    x = torch.rand(shape, device=device, dtype=dtype)
+    for _ in range(warmup):
+        fn(x)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "mean_ms": sum(times) / len(times)}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file (the ONNX part of an engine's name)."""
+    return sha256_file(path)

@@ -1,0 +1,405 @@
+"""TensorRT Python plugin ``esc::window_attention``: the fused Triton kernel inside an engine.
+
+TensorRT >= 10.9 ``tensorrt.plugin`` ("quickly deployable plugins"). :func:`register_plugin`
+(which imports TensorRT; importing this module does not) registers:
+
+* ``@trtp.register("esc::window_attention")``: inputs ``qkv`` ``(B, 3*heads*16, H, W)`` and
+  ``table`` ``(heads, (2w-1)^2)``, attributes ``window: int`` and ``heads: int``; output
+  ``(B, heads*16, H, W)`` as shape expressions of the input dims, dtype = ``qkv``'s;
+* ``@trtp.impl`` (JIT): a Python callback at run time that wraps TensorRT's buffers as
+  torch CUDA tensors (``__cuda_array_interface__``) and calls
+  :func:`models.kernels.window_attention_triton.window_attention_triton` on TensorRT's
+  stream;
+* ``@trtp.aot_impl`` (AOT): compiles the kernel for the tensor dtypes with
+  ``triton.compile(ASTSource(...))`` to PTX and returns ``(kernel name, PTX,
+  KernelLaunchParams, SymIntExprs)``: grid ``(w^2 / BLOCK_M, ceil(H/w) * ceil(W/w), B *
+  heads)`` and the scalar arguments as symbolic expressions of the input shape, so the
+  engine holds the kernel and runs without Python (``trtexec --loadEngine`` included).
+
+The ONNX parser binds a plugin node to this plugin when its ``op_type`` is the plugin name
+(``window_attention``) and its ``plugin_namespace`` attribute the namespace (``esc``); the
+node's ``aot`` attribute selects the AOT implementation (see :mod:`export.plugin_onnx`).
+
+AOT calling convention. TensorRT launches the PTX entry with the input pointers, then the
+``SymIntExprs`` scalars (int32), then the output pointers. The shared kernel
+(``_window_attention_fwd``: ``qkv, table, out, height, width, ...`` with two float scalars)
+does not have that order and TensorRT's extra arguments are integers only, so a thin entry
+kernel, :func:`esc_window_attention`, takes ``(qkv, table, height, width, row_period,
+col_period, n_win_cols, out)`` and calls the shared kernel with ``heads`` and the two
+scales as compile-time constants (the attributes are not serialised into AOT engines; the
+kernel carries them). Triton appends two hidden pointer parameters (global and profile
+scratch) to every kernel; :func:`compile_kernel` refuses a compilation that would need
+scratch memory, so those parameters are never read. Shared memory is kept within the
+48 KiB a launch may use without an opt-in (fewer pipeline stages if needed).
+
+:func:`compile_ptx` runs without a GPU (``GPUTarget("cuda", 90, 32)`` by default), which
+is how the tests check the AOT kernel on CPU-only machines. Triton must not be in
+interpreter mode in that process (``TRITON_INTERPRET=1`` turns ``@triton.jit`` into an
+interpreter that cannot emit PTX).
+
+This module deliberately has no ``from __future__ import annotations``: ``tensorrt.plugin``
+reads the registered functions' annotations as objects.
+"""
+import math
+import os
+import re
+import threading
+from typing import Any, Optional, Tuple, Union
+
+from export.plugin_onnx import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE
+
+HEAD_DIM = 16
+DEFAULT_BLOCK_M = 64
+DEFAULT_BLOCK_N = 64
+DEFAULT_NUM_WARPS = 4
+DEFAULT_TARGET = "cuda:90"
+MAX_LAUNCH_SHARED = 48 * 1024       # bytes of shared memory a launch gets without an opt-in
+MIN_TRT_VERSION = (10, 9)           # tensorrt.plugin with aot_impl and ONNX "aot" attribute
+ENTRY_NAME = "esc_window_attention"  # the PTX entry (the kernel name TensorRT launches)
+_LOG2E = math.log2(math.e)
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16",
+                "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+
+try:  # Triton is needed for compiling/launching, not for importing this module
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+
+class TensorRTUnavailableError(ImportError):
+    """TensorRT (with ``tensorrt.plugin``) cannot be imported; the message says how to install it."""
+
+
+def tensorrt_install_hint() -> str:
+    """What to install for the TensorRT path (printed by ``export/to_trt.py``)."""
+    return ("TensorRT >= 10.9 with its Python bindings (tensorrt.plugin) is needed: "
+            "pip install tensorrt-cu12 (or tensorrt-cu13 for CUDA 13) on a machine that reaches NVIDIA's "
+            "package index (the PyPI packages download from pypi.nvidia.com), or use an NGC TensorRT "
+            "container; it needs an NVIDIA GPU with a recent driver (CUDA 12.x: driver >= 525)")
+
+
+def import_tensorrt() -> Tuple[Any, Any]:
+    """``(tensorrt, tensorrt.plugin)`` or :class:`TensorRTUnavailableError` with the install hint."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailableError(f"TensorRT is not installed ({exc}). {tensorrt_install_hint()}") from exc
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError as exc:
+        raise TensorRTUnavailableError(
+            f"TensorRT {getattr(trt, '__version__', '?')} has no tensorrt.plugin module ({exc}). "
+            f"{tensorrt_install_hint()}") from exc
+    return trt, trtp
+
+
+def tensorrt_version_tuple(version: str) -> Tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+# -- the AOT entry kernel ------------------------------------------------------------------------------
+if triton is not None:
+    from models.kernels.window_attention_triton import _window_attention_fwd
+
+    @triton.jit
+    def esc_window_attention(
+        qkv_ptr,
+        table_ptr,
+        height,
+        width,
+        row_period,
+        col_period,
+        n_win_cols,
+        out_ptr,
+        HEADS: tl.constexpr,
+        WINDOW: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        QK_SCALE: tl.constexpr,
+        BIAS_SCALE: tl.constexpr,
+    ):
+        """TensorRT AOT entry: inputs, int32 scalars, output; see the module docstring."""
+        _window_attention_fwd(
+            qkv_ptr, table_ptr, out_ptr, height, width, row_period, col_period, n_win_cols, HEADS,
+            QK_SCALE, BIAS_SCALE, WINDOW=WINDOW, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            DOT_DTYPE=DOT_DTYPE)
+else:  # pragma: no cover
+    esc_window_attention = None
+
+
+def dtype_name(dtype: Any) -> str:
+    """``fp32``/``fp16``/``bf16`` for a string, a torch dtype or a ``tensorrt.DataType``."""
+    text = str(dtype).lower().replace("torch.", "").replace("datatype.", "")
+    text = {"float": "fp32", "half": "fp16", "bf16": "bf16"}.get(text, text)
+    if text not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype!r} for the window-attention kernel: use fp32, fp16 or bf16")
+    return _DTYPE_NAMES[text]
+
+
+def parse_target(target: Any = DEFAULT_TARGET) -> Any:
+    """``"cuda:90"``, ``"sm_90"``, ``"sm90a"``, ``90`` or a ``GPUTarget`` -> ``GPUTarget("cuda", 90, 32)``."""
+    from triton.backends.compiler import GPUTarget
+
+    if isinstance(target, GPUTarget):
+        return target
+    if isinstance(target, tuple) and len(target) == 2:
+        return GPUTarget("cuda", int(target[0]) * 10 + int(target[1]), 32)
+    match = re.fullmatch(r"(?:cuda:|sm_?)?(\d{2,3})a?", str(target).strip().lower())
+    if not match:
+        raise ValueError(f"PTX target must look like cuda:90 or sm_90, got {target!r}")
+    return GPUTarget("cuda", int(match.group(1)), 32)
+
+
+def device_target(device: Any = None) -> str:
+    """``cuda:<major><minor>`` of the current (or given) CUDA device."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"cuda:{major}{minor}"
+
+
+def driver_ptx_version() -> Optional[int]:
+    """Highest PTX ISA version (e.g. 84 for 8.4) the installed CUDA driver can JIT, or None.
+
+    Triton writes PTX for the ptxas it ships (PTX 9.x for Triton 3.9), which an older
+    driver refuses (``CUDA_ERROR_UNSUPPORTED_PTX_VERSION``) when TensorRT loads the AOT
+    kernel; :func:`register_plugin` therefore caps the PTX version at the driver's.
+    """
+    try:
+        import ctypes
+
+        from triton.backends.nvidia.compiler import ptx_get_version
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+            return None
+        return int(ptx_get_version(f"{version.value // 1000}.{(version.value % 1000) // 10}"))
+    except Exception:
+        return None
+
+
+def _triton_ptx_version(arch: int) -> Optional[int]:
+    """The PTX version Triton writes by default for ``arch`` (its ptxas's), or None."""
+    try:
+        from types import SimpleNamespace
+
+        from triton.backends.nvidia.compiler import get_ptx_version_from_options
+
+        return int(get_ptx_version_from_options(SimpleNamespace(ptx_version=None), arch))
+    except Exception:
+        return None
+
+
+def _check_blocks(window: int, block_m: int, block_n: int) -> None:
+    if window % 16:
+        raise ValueError(f"window must be a multiple of 16 for the Triton kernel, got {window}")
+    tokens = window * window
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block < 16 or block & (block - 1) or tokens % block:
+            raise ValueError(f"{name} must be a power of two >= 16 dividing window**2 = {tokens}, got {block}")
+
+
+def kernel_signature(dtype: Any, table_dtype: Any = None) -> dict:
+    """The entry kernel's Triton signature for ``qkv``/``out`` in ``dtype`` (table: ``table_dtype``)."""
+    qkv = dtype_name(dtype)
+    table = dtype_name(table_dtype if table_dtype is not None else dtype)
+    signature = {"qkv_ptr": f"*{qkv}", "table_ptr": f"*{table}"}
+    signature.update({name: "i32" for name in ("height", "width", "row_period", "col_period", "n_win_cols")})
+    signature["out_ptr"] = f"*{qkv}"
+    return signature
+
+
+def _interpreter_active() -> bool:
+    if triton is None:
+        return False
+    return not isinstance(esc_window_attention, triton.runtime.jit.JITFunction)
+
+
+def compile_kernel(dtype: Any, window: int, heads: int, block_m: int = DEFAULT_BLOCK_M,
+                   block_n: int = DEFAULT_BLOCK_N, target: Any = DEFAULT_TARGET, *, table_dtype: Any = None,
+                   num_warps: int = DEFAULT_NUM_WARPS, max_shared: int = MAX_LAUNCH_SHARED,
+                   ptx_version: Optional[int] = None) -> Any:
+    """Compile the AOT entry kernel for ``target`` (no GPU needed); a Triton ``CompiledKernel``.
+
+    The default pipelining is tried first, then fewer stages until the kernel fits in
+    ``max_shared`` bytes of shared memory. ``ptx_version`` (e.g. 84 for PTX ISA 8.4)
+    caps the PTX version for older drivers (default: Triton's). Raises ``RuntimeError``
+    when Triton is missing, in interpreter mode, or the kernel would need Triton scratch
+    memory.
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed: pip install triton (it ships with CUDA builds of torch)")
+    if _interpreter_active():
+        raise RuntimeError(
+            "Triton is in interpreter mode in this process (TRITON_INTERPRET=1 was set when triton was first "
+            "imported), which cannot emit PTX: compile in a process without TRITON_INTERPRET")
+    _check_blocks(window, block_m, block_n)
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    from triton.compiler import ASTSource
+
+    name = dtype_name(dtype)
+    dot_dtype = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[name]
+    constexprs = {"HEADS": int(heads), "WINDOW": int(window), "HEAD_DIM": HEAD_DIM, "BLOCK_M": int(block_m),
+                  "BLOCK_N": int(block_n), "DOT_DTYPE": dot_dtype, "QK_SCALE": HEAD_DIM ** -0.5 * _LOG2E,
+                  "BIAS_SCALE": _LOG2E}
+    signature = kernel_signature(name, table_dtype)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    gpu = parse_target(target)
+    kernel = None
+    for stages in (None, 2, 1):
+        # FP fusion as Triton 3.9's default (said explicitly: 3.10 changes the default).
+        options = {"num_warps": num_warps, "enable_fp_fusion": True}
+        if ptx_version is not None:
+            own = _triton_ptx_version(gpu.arch)
+            options["ptx_version"] = int(ptx_version) if own is None else min(int(ptx_version), own)
+        if stages is not None:
+            options["num_stages"] = stages
+        kernel = triton.compile(ASTSource(fn=esc_window_attention, signature=signature, constexprs=constexprs),
+                                target=gpu, options=options)
+        if kernel.metadata.shared <= max_shared:
+            break
+    metadata = kernel.metadata
+    if metadata.shared > max_shared:
+        raise RuntimeError(f"the kernel needs {metadata.shared} bytes of shared memory (> {max_shared}) even with "
+                           f"one pipeline stage: use smaller block_m/block_n")
+    if getattr(metadata, "global_scratch_size", 0) or getattr(metadata, "profile_scratch_size", 0):
+        raise RuntimeError("the compiled kernel needs Triton scratch memory, which TensorRT's AOT launch does not "
+                           "provide")
+    return kernel
+
+
+def compile_ptx(dtype: Any, window: int, heads: int, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
+                target: Any = DEFAULT_TARGET, ptx_version: Optional[int] = None) -> str:
+    """PTX of the AOT entry kernel for ``dtype`` (fp32/fp16/bf16), without needing a GPU."""
+    return compile_kernel(dtype, window, heads, block_m, block_n, target, ptx_version=ptx_version).asm["ptx"]
+
+
+def launch_config(batch: Any, height: Any, width: Any, window: int, heads: int, block_m: int = DEFAULT_BLOCK_M,
+                  cdiv: Any = None, smax: Any = None) -> Tuple[Tuple[Any, Any, Any], Tuple[Any, ...]]:
+    """``(grid, scalars)`` of one launch, for ints or TensorRT shape expressions.
+
+    ``grid = (w^2 / block_m, ceil(H/w) * ceil(W/w), B * heads)``; ``scalars = (H, W,
+    max(2(H-1), 1), max(2(W-1), 1), ceil(W/w))`` in the entry kernel's order. With
+    ``tensorrt.plugin`` expressions pass ``cdiv=trtp.cdiv`` and ``smax=trtp.max``.
+    """
+    cdiv = cdiv or (lambda a, b: -(-a // b))
+    smax = smax or max
+    n_win_rows, n_win_cols = cdiv(height, window), cdiv(width, window)
+    grid = ((window * window) // block_m, n_win_rows * n_win_cols, batch * heads)
+    scalars = (height, width, smax((height - 1) * 2, 1), smax((width - 1) * 2, 1), n_win_cols)
+    return grid, scalars
+
+
+# -- torch views of TensorRT buffers (JIT implementation) ------------------------------------------------
+class _CudaArray:
+    def __init__(self, interface: dict) -> None:
+        self.__cuda_array_interface__ = interface
+
+
+def tensor_to_torch(tensor: Any) -> Any:
+    """A torch CUDA tensor sharing a ``tensorrt.plugin.Tensor``'s buffer (no copy).
+
+    ``__cuda_array_interface__`` has no bfloat16 type, so bf16 buffers are viewed as int16
+    and reinterpreted.
+    """
+    import torch
+
+    if dtype_name_of_trt(tensor.dtype) == "bf16":
+        interface = {"shape": tuple(tensor.shape), "typestr": "<i2", "data": (tensor.data_ptr, False),
+                     "strides": tuple(int(s) * 2 for s in tensor.strides), "version": 3, "stream": None}
+        return torch.as_tensor(_CudaArray(interface), device="cuda").view(torch.bfloat16)
+    return torch.as_tensor(tensor, device="cuda")
+
+
+def dtype_name_of_trt(dtype: Any) -> str:
+    """``fp32``/``fp16``/``bf16`` for a ``tensorrt.DataType`` (FLOAT, HALF, BF16)."""
+    text = str(dtype).rsplit(".", 1)[-1].upper()
+    names = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}
+    if text not in names:
+        raise ValueError(f"the window-attention plugin supports FLOAT, HALF and BF16 tensors, got {dtype}")
+    return names[text]
+
+
+# -- registration -------------------------------------------------------------------------------------
+_LOCK = threading.Lock()
+_STATE: dict = {"registered": False, "aot": False, "target": None}
+
+
+def plugin_registered() -> bool:
+    return bool(_STATE["registered"])
+
+
+def register_plugin(target: Optional[str] = None, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
+                    num_warps: int = DEFAULT_NUM_WARPS, ptx_version: Optional[int] = None) -> dict:
+    """Register ``esc::window_attention`` with TensorRT (once per process); returns what was registered.
+
+    ``target``: PTX target of the AOT kernel (default: the current CUDA device, else
+    ``cuda:90``; ``ESC_TRT_PTX_TARGET`` overrides). ``ptx_version``: PTX ISA cap (default
+    ``ESC_TRT_PTX_VERSION``, else the driver's, see :func:`driver_ptx_version`, else
+    Triton's). Raises :class:`TensorRTUnavailableError` when TensorRT is missing. The AOT
+    implementation is registered when ``tensorrt.plugin`` has ``aot_impl`` (TensorRT >= 10.9).
+    """
+    with _LOCK:
+        if _STATE["registered"]:
+            return dict(_STATE)
+        trt, trtp = import_tensorrt()
+        if target is None:
+            target = os.environ.get("ESC_TRT_PTX_TARGET")
+        if target is None:
+            try:
+                target = device_target()
+            except Exception:
+                target = DEFAULT_TARGET
+        if ptx_version is None and os.environ.get("ESC_TRT_PTX_VERSION"):
+            ptx_version = int(os.environ["ESC_TRT_PTX_VERSION"])
+        if ptx_version is None:
+            ptx_version = driver_ptx_version()
+
+        @trtp.register(PLUGIN_ID)
+        def window_attention_desc(qkv: trtp.TensorDesc, table: trtp.TensorDesc, window: int,
+                                  heads: int) -> trtp.TensorDesc:
+            dims = qkv.shape_expr
+            return trtp.from_shape_expr((dims[0], heads * HEAD_DIM, dims[2], dims[3]), dtype=qkv.dtype)
+
+        @trtp.impl(PLUGIN_ID)
+        def window_attention_impl(qkv, table, window, heads, outputs, stream):
+            import torch
+
+            from models.kernels.window_attention_triton import window_attention_triton
+
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+                result = window_attention_triton(tensor_to_torch(qkv), tensor_to_torch(table), int(window),
+                                                 int(heads), block_m=block_m, block_n=block_n)
+                tensor_to_torch(outputs[0]).copy_(result)
+
+        has_aot = hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
+        if has_aot:
+            launch_return = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
+
+            def window_attention_aot(qkv, table, window, heads, outputs, tactic) -> launch_return:
+                kernel = compile_kernel(dtype_name_of_trt(qkv.dtype), int(window), int(heads), block_m, block_n,
+                                        target, table_dtype=dtype_name_of_trt(table.dtype), num_warps=num_warps,
+                                        ptx_version=ptx_version)
+                dims = qkv.shape_expr
+                grid, scalars = launch_config(dims[0], dims[2], dims[3], int(window), int(heads), block_m,
+                                              cdiv=trtp.cdiv, smax=trtp.max)
+                params = trtp.KernelLaunchParams()
+                params.grid_x, params.grid_y, params.grid_z = grid
+                params.block_x = kernel.metadata.num_warps * 32
+                params.shared_mem = kernel.metadata.shared
+                extra = trtp.SymIntExprs(len(scalars))
+                for i, value in enumerate(scalars):
+                    extra[i] = trtp.SymInt32(value)
+                return kernel.metadata.name, kernel.asm["ptx"], params, extra
+
+            trtp.aot_impl(PLUGIN_ID)(window_attention_aot)
+        _STATE.update(registered=True, aot=has_aot, target=str(target), ptx_version=ptx_version,
+                      version=getattr(trt, "__version__", "?"),
+                      plugin=PLUGIN_ID, name=PLUGIN_NAME, namespace=PLUGIN_NAMESPACE)
+        return dict(_STATE)
