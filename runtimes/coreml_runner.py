@@ -1,0 +1,337 @@
+"""Run an exported Core ML package (``.mlpackage`` / ``.mlmodel``) behind the Runner interface.
+
+``runtimes.base.load`` picks this runner for ``.mlpackage`` / ``.mlmodel`` paths and
+``coreml:`` specs (a built-in registration in :mod:`runtimes.base`).
+
+Two back-ends, chosen with ``backend=``:
+
+* ``"coreml"``: Core ML itself through ``coremltools.models.MLModel.predict``, with a
+  compute-unit choice (``compute_units="all" | "cpu_only" | "cpu_and_gpu" | "cpu_and_ne"``).
+  Core ML prediction exists only on macOS;
+* ``"interpreter"``: the numpy interpreter of :mod:`runtimes.coreml_interpreter`, which
+  executes the package's ML program op by op on any OS (slow, but it runs what the package
+  says, so it checks conversions on Linux CI). ``interpreter_precision`` picks its
+  arithmetic (``"auto"`` follows the program's fp16/fp32 types).
+
+``backend="auto"`` (default) uses Core ML on macOS and the interpreter elsewhere;
+:meth:`CoreMLRunner.describe` says which ran (``runtime`` is ``coreml`` or
+``coreml-interpreter``).
+
+Shapes: a fixed-shape package reports :attr:`Runner.fixed_shape`, so
+:meth:`Runner.upscale` tiles at that shape. An enumerated-shapes package reports its
+*largest* listed size as ``fixed_shape``: the shared tiler (and ``validation/parity.py``,
+which tiles its reference the same way) then treats it exactly like a fixed-shape package.
+:meth:`CoreMLRunner.infer` itself accepts every listed size (an app may pick the smallest
+that holds its image); other sizes are padded at the bottom/right by edge replication up to
+the smallest listed size that holds them, and the extra output is cropped (near that edge
+the result then differs from a model run at the unpadded size). Image-I/O packages are fed
+0..255 pixels and their image output is divided by 255: callers always see float32 in
+[0, 1] terms.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Runner, RunnerError
+
+__all__ = ["BACKENDS", "COMPUTE_UNITS", "CoreMLRunner", "latency", "parse_compute_units"]
+
+#: Option value -> ``coremltools.ComputeUnit`` member name.
+COMPUTE_UNITS: dict[str, str] = {
+    "all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE",
+}
+_ALIASES = {"cpu": "cpu_only", "gpu": "cpu_and_gpu", "ne": "cpu_and_ne", "ane": "cpu_and_ne",
+            "cpuandgpu": "cpu_and_gpu", "cpuandneuralengine": "cpu_and_ne", "cpu_and_neural_engine": "cpu_and_ne"}
+BACKENDS = ("auto", "coreml", "interpreter")
+
+
+def parse_compute_units(value: str | None) -> str:
+    """Normalise a compute-unit option (``all``, ``cpu_only``, ``cpu_and_gpu``, ``cpu_and_ne``).
+
+    Accepts ``-`` for ``_``, any case, coremltools' member names (``CPU_AND_NE``) and the
+    short forms ``cpu``, ``gpu``, ``ne``/``ane``.
+    """
+    if value is None:
+        return "all"
+    key = str(value).strip().lower().replace("-", "_").replace(" ", "_")
+    key = _ALIASES.get(key, _ALIASES.get(key.replace("_", ""), key))
+    if key not in COMPUTE_UNITS:
+        raise RunnerError(
+            f"unknown Core ML compute units {value!r}; choose one of {', '.join(COMPUTE_UNITS)} "
+            f"(all = let Core ML pick among CPU, GPU and Neural Engine)")
+    return key
+
+
+def _is_macos() -> bool:
+    return platform.system() == "Darwin"
+
+
+def _coremltools() -> Any:
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import coremltools as ct
+        except Exception as exc:
+            raise RunnerError(f"running Core ML packages needs coremltools (pip install coremltools): {exc}") from exc
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    return ct
+
+
+class CoreMLRunner(Runner):
+    """A Core ML ML-program package, run by Core ML (macOS) or by the numpy interpreter.
+
+    Options:
+        compute_units: ``all`` (default), ``cpu_only``, ``cpu_and_gpu``, ``cpu_and_ne``
+            (Core ML back-end; checked but unused by the interpreter).
+        backend: ``auto`` (default: Core ML on macOS, interpreter elsewhere), ``coreml``
+            (refused off macOS) or ``interpreter``.
+        interpreter_precision: ``auto`` (default), ``fp32`` or ``fp16`` (interpreter only;
+            see :mod:`runtimes.coreml_interpreter`).
+    """
+
+    name = "coreml"
+    options = ("compute_units", "backend", "interpreter_precision")
+
+    def __init__(self, artifact: str | os.PathLike[str], device: str = "cpu", compute_units: str | None = "all",
+                 backend: str = "auto", interpreter_precision: str = "auto") -> None:
+        from .coreml_interpreter import PRECISIONS, InterpreterError, load_program
+
+        self.artifact = os.fspath(artifact)
+        path = Path(self.artifact)
+        if not path.exists():
+            raise RunnerError(f"no such Core ML package: {self.artifact}")
+        if str(device) != "cpu":
+            raise RunnerError(
+                f"the Core ML runner takes device='cpu' only (got {device!r}); Core ML chooses CPU, GPU or "
+                f"Neural Engine itself: use compute_units=all|cpu_only|cpu_and_gpu|cpu_and_ne")
+        self.device = "cpu"
+        self.compute_units = parse_compute_units(compute_units)
+        if backend not in BACKENDS:
+            raise RunnerError(f"unknown Core ML backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if interpreter_precision not in PRECISIONS:
+            raise RunnerError(f"interpreter_precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {interpreter_precision!r}")
+        if backend == "auto":
+            backend = "coreml" if _is_macos() else "interpreter"
+        if backend == "coreml" and not _is_macos():
+            raise RunnerError(
+                f"Core ML prediction runs only on macOS (this is {platform.system() or 'an unknown OS'}): "
+                f"coremltools can convert and save packages here but not execute them. Use backend='interpreter' "
+                f"(the numpy interpreter, slow) or run on a Mac.")
+        self.backend = backend
+        self.interpreter_precision = interpreter_precision
+        try:
+            self.program = load_program(path)
+        except InterpreterError as exc:
+            raise RunnerError(f"cannot read {self.artifact}: {exc}") from exc
+        self._read_description()
+        self._model: Any = None
+        self._interpreter: Any = None
+        if backend == "coreml":
+            ct = _coremltools()
+            try:
+                self._model = ct.models.MLModel(self.artifact, compute_units=getattr(ct.ComputeUnit,
+                                                                                     COMPUTE_UNITS[self.compute_units]))
+            except Exception as exc:
+                raise RunnerError(f"Core ML cannot load {self.artifact}: {exc}") from exc
+        else:
+            from .coreml_interpreter import Interpreter, UnsupportedOpError
+
+            try:
+                self._interpreter = Interpreter(self.program, precision=interpreter_precision)
+            except UnsupportedOpError as exc:
+                raise RunnerError(str(exc)) from exc
+
+    # -- description ---------------------------------------------------------------------
+    def _read_description(self) -> None:
+        desc = self.program.description
+        if len(desc.input) != 1 or len(desc.output) < 1:
+            raise RunnerError(f"{self.artifact}: expected one input and one output, found "
+                              f"{[i.name for i in desc.input]} -> {[o.name for o in desc.output]}")
+        feature = desc.input[0]
+        self.input_name = feature.name
+        self.output_name = desc.output[0].name
+        kind = feature.type.WhichOneof("Type")
+        self.image_io = kind == "imageType"
+        self.output_image = desc.output[0].type.WhichOneof("Type") == "imageType"
+        self.allowed_shapes: list[tuple[int, int]] = []
+        if kind == "multiArrayType":
+            arr = feature.type.multiArrayType
+            if arr.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
+                self.allowed_shapes = [(int(s.shape[2]), int(s.shape[3])) for s in arr.enumeratedShapes.shapes]
+            elif arr.WhichOneof("ShapeFlexibility") == "shapeRange":
+                self.allowed_shapes = []  # a range: any size within it
+            elif len(arr.shape) == 4:
+                self.allowed_shapes = [(int(arr.shape[2]), int(arr.shape[3]))]
+        elif kind == "imageType":
+            img = feature.type.imageType
+            if img.WhichOneof("SizeFlexibility") == "enumeratedSizes":
+                self.allowed_shapes = [(int(s.height), int(s.width)) for s in img.enumeratedSizes.sizes]
+            else:
+                self.allowed_shapes = [(int(img.height), int(img.width))]
+        else:
+            raise RunnerError(f"{self.artifact}: input {feature.name} is a {kind}; an image or multi-array expected")
+        self.enumerated = len(self.allowed_shapes) > 1
+        # Enumerated: tile at the largest listed size (see the module docstring).
+        self.fixed_shape = max(self.allowed_shapes, key=lambda s: (s[0] * s[1], s)) if self.allowed_shapes else None
+        self.metadata = dict(desc.metadata.userDefined)
+        meta = self.metadata
+        scale = meta.get("esc.scale")
+        if scale is None:
+            out = desc.output[0].type
+            if out.WhichOneof("Type") == "multiArrayType" and self.fixed_shape and len(out.multiArrayType.shape) == 4:
+                scale = int(out.multiArrayType.shape[2]) // self.fixed_shape[0]
+            elif out.WhichOneof("Type") == "imageType" and self.fixed_shape and out.imageType.height:
+                scale = int(out.imageType.height) // self.fixed_shape[0]
+        if scale is None:
+            raise RunnerError(f"{self.artifact} has no esc.scale metadata and no fixed output shape, so its "
+                              f"upscaling factor is unknown; re-export it with export/to_coreml.py")
+        self.scale = int(scale)
+        self.input_multiple = int(meta.get("esc.input_multiple") or 1)
+        types = {v.dtype for op in self.program.ops if op.type != "const" for v in op.outputs}
+        self.precision = meta.get("esc.precision") or ("fp16" if "FLOAT16" in types else "fp32")
+        self.variant = meta.get("esc.variant") or None
+        hist = self.program.histogram()
+        self.attention = ("fused scaled_dot_product_attention" if hist.get("scaled_dot_product_attention")
+                          else "matmul+softmax")
+
+    def runtime_details(self) -> dict[str, Any]:
+        ct_version = None
+        try:
+            ct_version = _coremltools().__version__
+        except RunnerError:
+            pass
+        details: dict[str, Any] = {
+            "runtime_version": ct_version,
+            "target": self.program.target,
+            "opset": self.program.opset,
+            "compute_units": self.compute_units,
+            "image_io": self.image_io,
+            "compression": self.metadata.get("esc.compression"),
+            "enumerated_shapes": [list(s) for s in self.allowed_shapes] if self.enumerated else None,
+        }
+        if self.backend == "coreml":
+            details.update({"runtime": "coreml",
+                            "backend": f"Core ML MLModel.predict (compute units {self.compute_units})",
+                            "device": f"coreml:{self.compute_units}"})
+        else:
+            details.update({
+                "runtime": "coreml-interpreter",
+                "backend": (f"numpy interpreter (runtimes.coreml_interpreter, precision {self.interpreter_precision})"
+                            + ("" if _is_macos() else "; Core ML prediction needs macOS")),
+                "interpreter_precision": self.interpreter_precision,
+            })
+        return details
+
+    # -- inference -----------------------------------------------------------------------
+    def _target_shape(self, h: int, w: int) -> tuple[int, int]:
+        if not self.allowed_shapes or (h, w) in self.allowed_shapes:
+            return h, w
+        fits = [s for s in self.allowed_shapes if s[0] >= h and s[1] >= w]
+        if not fits:
+            listed = ", ".join(f"{a}x{b}" for a, b in self.allowed_shapes)
+            raise RunnerError(
+                f"{self.artifact} accepts the input sizes {listed}; {h}x{w} is larger than all of them. Use "
+                f"upscale(), which tiles at the largest listed size")
+        return min(fits, key=lambda s: (s[0] * s[1], s))
+
+    def _predict_one(self, x: np.ndarray) -> np.ndarray:
+        """(1, 3, h, w) float32 in [0, 1] -> (1, 3, sh, sw) float32."""
+        feed = x * 255.0 if self.image_io else x
+        if self._interpreter is not None:
+            out = self._interpreter.run({self.program.inputs[0].name: feed.astype(np.float32)})
+            y = np.asarray(out[self.program.outputs[0]], dtype=np.float32)
+        else:
+            if self.image_io:
+                from PIL import Image
+
+                pixels = np.clip(np.rint(feed[0].transpose(1, 2, 0)), 0, 255).astype(np.uint8)
+                result = self._model.predict({self.input_name: Image.fromarray(pixels, "RGB")})
+            else:
+                result = self._model.predict({self.input_name: feed.astype(np.float32)})
+            value = result[self.output_name]
+            if hasattr(value, "convert"):  # a PIL image
+                value = np.asarray(value.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None]
+            y = np.asarray(value, dtype=np.float32)
+        return y / 255.0 if self.output_image else y
+
+    @torch.no_grad()
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}")
+        b, _, h, w = batch.shape
+        if not self.enumerated and self.fixed_shape is not None and (h, w) != self.fixed_shape:
+            raise ValueError(f"{self.artifact} takes {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs, got {h}x{w} "
+                             f"(use upscale(), which tiles at the fixed shape)")
+        th, tw = self._target_shape(h, w)
+        array = batch.detach().to("cpu", torch.float32).numpy()
+        if (th, tw) != (h, w):
+            array = np.pad(array, [(0, 0), (0, 0), (0, th - h), (0, tw - w)], mode="edge")
+        outs = [self._predict_one(np.ascontiguousarray(array[i:i + 1])) for i in range(b)]
+        out = np.concatenate(outs)[:, :, :h * self.scale, :w * self.scale]
+        expected = (b, 3, h * self.scale, w * self.scale)
+        if tuple(out.shape) != expected:
+            raise RunnerError(f"{self.artifact} returned {tuple(out.shape)} for input {tuple(batch.shape)}; "
+                              f"expected {expected}")
+        return torch.from_numpy(np.ascontiguousarray(out)).to(batch.device)
+
+
+def latency(runner: Runner, shape: tuple[int, ...] | None = None, warmup: int = 3, repeat: int = 10,
+            seed: int = 0) -> dict[str, Any]:
+    """Time ``runner.infer`` on one random batch: median / p10 / p90 in milliseconds.
+
+    ``shape``: ``(h, w)``, ``(b, h, w)`` or ``(b, 3, h, w)``; default the runner's fixed
+    shape (batch 1). On macOS this times Core ML itself (choose compute units on the
+    runner); elsewhere it times the interpreter, which says nothing about device speed.
+    """
+    if shape is None:
+        if getattr(runner, "fixed_shape", None) is None:
+            raise RunnerError("give a shape: this runner has no fixed input shape")
+        shape = tuple(runner.fixed_shape)  # type: ignore[arg-type]
+    if len(shape) == 2:
+        shape = (1, 3) + tuple(shape)
+    elif len(shape) == 3:
+        shape = (shape[0], 3) + tuple(shape[1:])
+    if len(shape) != 4 or shape[1] != 3:
+        raise RunnerError(f"latency shape must be (h, w), (b, h, w) or (b, 3, h, w); got {shape}")
+    if warmup < 0 or repeat < 1:
+        raise RunnerError(f"warmup must be >= 0 and repeat >= 1 (got {warmup}, {repeat})")
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    for _ in range(warmup):
+        runner.infer(x)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        runner.infer(x)
+        times.append((time.perf_counter() - start) * 1000.0)
+    ordered = sorted(times)
+
+    def pct(q: float) -> float:
+        if len(ordered) == 1:
+            return ordered[0]
+        pos = q * (len(ordered) - 1)
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    described = runner.describe()
+    return {
+        "median_ms": statistics.median(times), "p10_ms": pct(0.10), "p90_ms": pct(0.90),
+        "min_ms": ordered[0], "max_ms": ordered[-1], "repeat": repeat, "warmup": warmup, "shape": list(shape),
+        "runtime": described.get("runtime"), "backend": described.get("backend"),
+        "compute_units": described.get("compute_units"),
+    }
+

@@ -1,0 +1,577 @@
+"""Core ML export (``export/to_coreml.py``), the numpy ML-program interpreter and the runner.
+
+Core ML prediction needs macOS, so on Linux the packages are executed by
+``runtimes.coreml_interpreter``; parity with PyTorch is what proves a conversion right.
+
+Time budget: the seven real conversions (esc, esc_light, esc_fp with the m2 and iphone
+presets, and one enumerated-shapes package) run as CLI subprocesses, two at a time, started
+when the module starts (:func:`cli_jobs`); the cheap tests (op kernels, tiny random ESC
+models) run meanwhile, and the tests that need a real package wait for its job.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("coremltools")
+
+from export import coreml_export as ce  # noqa: E402
+from export.common import sha256_file  # noqa: E402
+from models.config import ESCConfig  # noqa: E402
+from models.loader import build, randomise  # noqa: E402
+from runtimes import coreml_interpreter as ci  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GOLDEN = SHARED / "golden"
+SET5_X4 = SHARED / "data" / "Set5" / "LR_bicubic" / "X4"
+CHECKPOINTS = {
+    "esc": GOLDEN / "esc_x4_48x64_b1.pth",
+    "esc_light": GOLDEN / "esc_light_x4_35x35_b1.pth",
+    "esc_fp": GOLDEN / "esc_fp_x4_41x47_b1.pth",
+}
+#: Interpreter (emulated fp16) vs PyTorch fp32 on Set5 crops, for fp16 packages: the bound
+#: is validation/parity.py's fp16 threshold; measured errors are 1e-3 .. 6e-3.
+FP16_ATOL = ce.PARITY_ATOL["fp16"]
+FP16_MIN_PSNR = 50.0
+FP32_ATOL = ce.PARITY_ATOL["fp32"]
+
+
+# --------------------------------------------------------------------------------------
+# CLI conversions, started at module start and run in the background
+# --------------------------------------------------------------------------------------
+def _cli_cases() -> dict[str, list[str]]:
+    cases: dict[str, list[str]] = {}
+    for model in ("esc", "esc_light", "esc_fp"):
+        for preset in ("m2", "iphone"):
+            cases[f"{model}-{preset}"] = ["--model", model, "--weights", str(CHECKPOINTS[model]), "--preset", preset]
+    # One enumerated-shapes package, fp32 on the iOS 18 opset: fused SDPA + shape-generic ops,
+    # checked against PyTorch to 1e-4 below.
+    cases["esc_light-enum"] = ["--model", "esc_light", "--weights", str(CHECKPOINTS["esc_light"]),
+                               "--shapes", "enumerated:32x32,64x64", "--target", "iOS18", "--precision", "fp32"]
+    return cases
+
+
+class _Jobs:
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.futures: dict[str, Future] = {}
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        for i, (name, args) in enumerate(_cli_cases().items()):
+            out = self.out_dir / f"{name}.mlpackage"
+            # Both entry points: the file and the module.
+            entry = ["-m", "export.to_coreml"] if i % 2 else [str(ROOT / "export" / "to_coreml.py")]
+            cmd = [sys.executable, *entry, *args, "-o", str(out)]
+            self.futures[name] = self.pool.submit(self._run, cmd, out)
+
+    @staticmethod
+    def _run(cmd: list[str], out: Path) -> tuple[subprocess.CompletedProcess, Path]:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        return proc, out
+
+    def get(self, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        proc, out = self.futures[name].result()
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).replace("\r", "\n").splitlines()[-25:])
+            pytest.fail(f"to_coreml {name} failed (exit {proc.returncode}):\n{tail}")
+        return proc, out
+
+
+@pytest.fixture(scope="module")
+def cli_jobs(tmp_path_factory) -> _Jobs:
+    for path in CHECKPOINTS.values():
+        if not path.is_file():
+            pytest.skip(f"missing golden checkpoint {path}")
+    jobs = _Jobs(tmp_path_factory.mktemp("coreml_cli"))
+    jobs.start()
+    yield jobs
+    jobs.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_cli_jobs_early(request):
+    """Start the background conversions before the first (cheap) test runs."""
+    if any("cli_jobs" in getattr(item, "fixturenames", ())
+           for item in request.session.items if getattr(item, "module", None) is request.module):
+        request.getfixturevalue("cli_jobs")
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+def _tiny_model(seed: int = 0, arch: str = "esc", scale: int = 2) -> nn.Module:
+    """A small random ESC (1 block, window 8, dim 32): converts in seconds."""
+    torch.manual_seed(seed)
+    config = ESCConfig(arch, scale, dim=32, pdim=16, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8,
+                       num_heads=2, use_lns=arch == "esc_fp", use_ln_last=arch == "esc_fp")
+    model = build(config)
+    randomise(model)
+    return model
+
+
+def _tiny_cfg(**kw) -> ce.CoreMLExportConfig:
+    base = dict(model="esc", scale=2, input_size=(16, 16), precision="fp32", target="iOS18")
+    base.update(kw)
+    if kw.get("shapes"):
+        base["input_size"] = None
+    return ce.CoreMLExportConfig(**base)
+
+
+def _set5_crop(h: int, w: int, name: str = "butterflyx4.png", top: int = 0, left: int = 0) -> torch.Tensor:
+    from runtimes.imageio import read_image, to_tensor
+
+    path = SET5_X4 / name
+    if not path.is_file():
+        pytest.skip(f"missing Set5 image {path}")
+    x = to_tensor(read_image(path).rgb)
+    return x[..., top:top + h, left:left + w].contiguous()
+
+
+def _reference(name: str) -> nn.Module:
+    from models import load_model
+
+    return load_model(CHECKPOINTS[name], attention="naive")
+
+
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory):
+    """A tiny fixed-shape (16x16) fp32 iOS 18 package and the model it came from."""
+    model = ce.prepare_model(_tiny_model())
+    out = tmp_path_factory.mktemp("coreml_tiny") / "tiny.mlpackage"
+    result = ce.convert_module(model, _tiny_cfg(), out, model_for_metadata=model)
+    return result, model
+
+
+# --------------------------------------------------------------------------------------
+# Options, presets
+# --------------------------------------------------------------------------------------
+def test_parse_options_and_presets():
+    assert ce.parse_size("128x96") == (128, 96)
+    assert ce.parse_size("64") == (64, 64)
+    assert ce.parse_shapes("enumerated:64x64,128x128,64x64") == [(64, 64), (128, 128)]
+    with pytest.raises(ce.CoreMLExportError, match="HEIGHTxWIDTH"):
+        ce.parse_size("big")
+    with pytest.raises(ce.CoreMLExportError, match="enumerated"):
+        ce.parse_shapes("range:1x1")
+    m2 = ce.resolve_config("esc", 4, preset="m2")
+    assert (m2.input_size, m2.target, m2.precision, m2.opset) == ((128, 128), "macOS15", "fp16", "iOS18")
+    iphone = ce.resolve_config("esc", 4, preset="iphone", precision="fp32")
+    assert (iphone.input_size, iphone.target, iphone.precision) == ((32, 32), "iOS17", "fp32")
+    enum = ce.resolve_config("esc", 4, preset="m2", shapes="enumerated:64x64,128x128")
+    assert enum.enumerated and enum.input_size is None and enum.declared_shapes == [(64, 64), (128, 128)]
+    with pytest.raises(ce.CoreMLExportError, match="exclude"):
+        ce.resolve_config(input_size="64x64", shapes="enumerated:64x64")
+    with pytest.raises(ce.CoreMLExportError, match="unknown preset"):
+        ce.resolve_config(preset="pixel")
+
+
+def test_table_bias_matches_dense_bias():
+    from models.attention.windows import dense_bias
+
+    table = torch.randn(3, (2 * 8 - 1) ** 2)
+    assert torch.equal(ce.table_bias(table, 8), dense_bias(table, 8))
+
+
+def test_kmeans_lut():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 32, 3, 3)).astype(np.float32)
+    lut, idx = ce.KMeansLUT(4)(w)
+    assert lut.shape == (16,) and idx.shape == (w.size,) and idx.max() < 16
+    rmse = float(np.sqrt(np.mean((lut[idx].reshape(w.shape) - w) ** 2)))
+    uniform = np.linspace(w.min(), w.max(), 16)
+    uniform_rmse = float(np.sqrt(np.mean((uniform[np.abs(w.reshape(-1, 1) - uniform).argmin(1)] - w.reshape(-1)) ** 2)))
+    assert rmse < 0.12 and rmse < 0.8 * uniform_rmse  # Lloyd-Max for a Gaussian at 4 bits: ~0.097
+    few = np.array([0.5, -1.0, 0.5, 2.0], np.float32)
+    lut, idx = ce.KMeansLUT(2)(few)
+    np.testing.assert_array_equal(lut[idx], few)
+
+
+# --------------------------------------------------------------------------------------
+# Interpreter kernels against torch
+# --------------------------------------------------------------------------------------
+def _run_op(op_type: str, outputs: int = 1, **inputs):
+    op = ci.MILOp(op_type, op_type, {k: [ci.ArgRef(value=np.asarray(v) if not isinstance(v, str) else v)]
+                                     for k, v in inputs.items()}, [])
+    return ci.KERNELS[op_type](ci._Call(op, {}))
+
+
+@pytest.mark.parametrize("groups,stride,dilation,pad_type", [
+    (1, 1, 1, "custom"), (2, 2, 1, "same"), (8, 1, 2, "valid"), (1, 2, 1, "same_lower"), (4, 1, 1, "custom")])
+def test_conv_kernel(groups, stride, dilation, pad_type):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 11, 13)
+    w = torch.randn(8 if groups != 8 else 8, 8 // groups, 3, 3)
+    b = torch.randn(w.shape[0])
+    kwargs = dict(x=x.numpy(), weight=w.numpy(), bias=b.numpy(), strides=[stride, stride],
+                  dilations=[dilation, dilation], groups=groups, pad_type=pad_type, pad=[1, 2, 0, 1])
+    got = _run_op("conv", **kwargs)
+    if pad_type == "custom":
+        xp = torch.nn.functional.pad(x, (0, 1, 1, 2))
+    elif pad_type == "valid":
+        xp = x
+    else:
+        pads = []
+        for size in (13, 11):  # W then H for F.pad
+            out = -(-size // stride)
+            total = max((out - 1) * stride + 2 * dilation + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            pads += [small, large] if pad_type == "same" else [large, small]
+        xp = torch.nn.functional.pad(x, pads)
+    ref = torch.nn.functional.conv2d(xp, w, b, stride=stride, dilation=dilation, groups=groups)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+
+
+def test_elementwise_and_shape_kernels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6)
+    np.testing.assert_allclose(_run_op("gelu", x=x.numpy(), mode="EXACT"), torch.nn.functional.gelu(x).numpy(),
+                               atol=1e-6)
+    np.testing.assert_allclose(_run_op("gelu", x=x.numpy(), mode="TANH_APPROXIMATION"),
+                               torch.nn.functional.gelu(x, approximate="tanh").numpy(), atol=1e-6)
+    np.testing.assert_allclose(_run_op("pixel_shuffle", x=x.numpy(), upscale_factor=2),
+                               torch.nn.functional.pixel_shuffle(x, 2).numpy())
+    np.testing.assert_allclose(_run_op("pad", x=x.numpy(), pad=[1, 2, 3, 1], mode="reflect"),
+                               torch.nn.functional.pad(x, (3, 1, 1, 2), mode="reflect").numpy())
+    np.testing.assert_allclose(_run_op("pad", x=x.numpy(), pad=[1, 2, 3, 1], mode="replicate"),
+                               torch.nn.functional.pad(x, (3, 1, 1, 2), mode="replicate").numpy())
+    with pytest.raises(ci.InterpreterError, match="pad < size"):
+        _run_op("pad", x=x.numpy(), pad=[0, 0, 6, 0], mode="reflect")
+    ln = _run_op("layer_norm", x=x.numpy(), axes=[1], epsilon=1e-6)
+    ref = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-6)
+    np.testing.assert_allclose(ln, ref.numpy(), atol=1e-5)
+    got = _run_op("slice_by_index", x=x.numpy(), begin=[0, 1, 0, -4], end=[0, 7, 5, 0], stride=[1, 2, 1, 1],
+                  begin_mask=[False, False, True, False], end_mask=[True, False, False, True],
+                  squeeze_mask=[False, False, False, False])
+    np.testing.assert_array_equal(got, x.numpy()[:, 1:7:2, :5, -4:])
+    got = _run_op("gather", x=x.numpy(), indices=np.array([-1, 0, 2]), axis=1)
+    np.testing.assert_array_equal(got, x.numpy()[:, [7, 0, 2]])
+    q, k, v = torch.randn(3, 2, 10, 16), torch.randn(3, 2, 12, 16), torch.randn(3, 2, 12, 16)
+    mask = torch.randn(1, 2, 10, 12)
+    np.testing.assert_allclose(_run_op("scaled_dot_product_attention", query=q.numpy(), key=k.numpy(),
+                                       value=v.numpy(), attn_mask=mask.numpy()),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(_run_op("matmul", x=q.numpy(), y=k.numpy(), transpose_y=True),
+                               (q @ k.transpose(-1, -2)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(_run_op("softmax", x=x.numpy(), axis=1), torch.softmax(x, 1).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(_run_op("concat", values=np.int32(3), axis=0, interleave=False), [3])
+    np.testing.assert_allclose(_run_op("upsample_nearest_neighbor", x=x.numpy(), scale_factor_height=2,
+                                       scale_factor_width=3),
+                               torch.nn.functional.interpolate(x, scale_factor=(2, 3), mode="nearest").numpy())
+    np.testing.assert_array_equal(_run_op("range_1d", start=1, end=9, step=3), [1, 4, 7])
+    np.testing.assert_allclose(_run_op("reduce_mean", x=x.numpy(), axes=[2, 3], keep_dims=True),
+                               x.mean((2, 3), keepdim=True).numpy(), atol=1e-6)
+
+
+def test_constexpr_kernels_and_bit_unpacking():
+    packed = np.array([0b11100100, 0b00000011], np.uint8)  # 2-bit fields 0,1,2,3 then 3
+    np.testing.assert_array_equal(ci._unpack_bits(packed, 2, 5, signed=False), [0, 1, 2, 3, 3])
+    np.testing.assert_array_equal(ci._unpack_bits(np.array([0xF8], np.uint8), 4, 2, signed=True), [-8, -1])
+    lut = np.array([0.0, 1.5, -2.0, 4.0], np.float32)
+    got = _run_op("constexpr_lut_to_dense", lut=lut, indices=packed, shape=np.array([5], np.uint32))
+    np.testing.assert_array_equal(got, lut[[0, 1, 2, 3, 3]])
+    data = np.arange(8, dtype=np.int8).reshape(4, 2)
+    scale = np.array([[0.5], [2.0]], np.float32)  # two blocks of two rows
+    got = _run_op("constexpr_blockwise_shift_scale", data=data, scale=scale)
+    np.testing.assert_allclose(got, data * np.repeat(scale, 2, axis=0))
+
+
+def test_unsupported_op_is_named(tiny_package):
+    result, _ = tiny_package
+    program = ci.load_program(result.path)
+    program.ops[5].type = "mystery_op"
+    with pytest.raises(ci.UnsupportedOpError, match="mystery_op"):
+        ci.Interpreter(program)
+
+
+def test_blob_fallback_parser_matches_native_reader(tiny_package, monkeypatch):
+    """Our own weight.bin parser (used where coremltools' native reader is missing)."""
+    result, _ = tiny_package
+
+    def values(program):
+        return {op.outputs[0].name: op.attributes["val"] for op in program.ops if op.type == "const"}
+
+    native = values(ci.load_program(result.path))
+    monkeypatch.setattr(ci._BlobFile, "read", lambda self, offset, dtype, count: self._parse(offset, dtype, count))
+    parsed = values(ci.load_program(result.path))
+    big = [k for k, v in native.items() if isinstance(v, np.ndarray) and v.size > 100]
+    assert big and all(np.array_equal(native[k], parsed[k]) for k in big)
+
+
+# --------------------------------------------------------------------------------------
+# Tiny conversions through the export code path
+# --------------------------------------------------------------------------------------
+def test_tiny_package_parity_and_metadata(tiny_package):
+    result, model = tiny_package
+    assert result.report.ok and result.report.max_rank <= 5
+    assert result.report.histogram["scaled_dot_product_attention"] == 1
+    meta = result.report.metadata
+    assert meta["esc.scale"] == "2" and meta["esc.tile"] == "16x16" and meta["esc.weights_sha256"] == "random"
+    assert meta["esc.toolkit_version"]
+    assert not (result.path / "executorch_debug_handle_mapping.json").exists()
+    res = ce.verify_package(result.path, model, torch.rand(1, 3, 16, 16))
+    assert res.max_abs < FP32_ATOL, res
+
+
+def test_broken_conversion_is_caught(tmp_path, tiny_package):
+    """A wrapper whose pixel shuffle takes channels in the wrong order converts fine and passes
+    every structural check, but the interpreter's parity check catches it."""
+    _, model = tiny_package
+    from models.layers import pixel_shuffle, repeat_channels
+
+    class WrongShuffle(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m = self.inner
+            s = m.scale
+            t = m.to_img(m.features(x)) + repeat_channels(x, s * s)
+            b, c, h, w = t.shape
+            t = t.reshape(b, s * s, c // (s * s), h, w).transpose(1, 2).reshape(b, c, h, w)  # (s, s, C) order
+            return pixel_shuffle(t, s)
+
+    result = ce.convert_module(WrongShuffle(model), _tiny_cfg(), tmp_path / "broken.mlpackage",
+                               model_for_metadata=model)
+    assert result.report.ok  # structurally fine
+    x = torch.rand(1, 3, 16, 16)
+    res = ce.verify_package(result.path, model, x)
+    assert res.max_abs > 100 * FP32_ATOL, res  # ... but it computes something else
+
+
+def test_rank6_model_rejected(tmp_path):
+    class Rank6(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.rand(1, 3, 2, 1, 2, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            y = x.reshape(b, c, 2, h // 2, 2, w // 2) * self.w
+            return y.reshape(b, c, h, w).repeat_interleave(2, -1).repeat_interleave(2, -2)
+
+    out = tmp_path / "rank6.mlpackage"
+    with pytest.raises(ce.CoreMLExportError, match="rank"):
+        ce.convert_module(Rank6(), _tiny_cfg(scale=2, input_size=(8, 8), target="iOS17"), out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_package_checks_catch_rank_target_and_pads(tmp_path, tiny_package):
+    result, _ = tiny_package
+    # Target availability: an iOS 18 package (fused SDPA) checked against iOS 17.
+    report = ce.inspect_package(result.path, "iOS17")
+    assert report.unavailable_ops == ["scaled_dot_product_attention"]
+    with pytest.raises(ce.PackageCheckError, match="not available on iOS17"):
+        ce.check_package(report)
+    assert ce.ops_unavailable_on(["conv", "gelu", "pad"], "iOS16") == []
+    # Rank: our own check, on a package doctored to declare a rank-6 tensor (coremltools
+    # itself refuses to write one).
+    from coremltools.proto import Model_pb2
+
+    doctored = tmp_path / "rank6.mlpackage"
+    shutil.copytree(result.path, doctored)
+    spec_file = doctored / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    block = spec.mlProgram.functions["main"].block_specializations[spec.mlProgram.functions["main"].opset]
+    victim = next(op for op in block.operations if op.type == "conv")
+    tensor = victim.outputs[0].type.tensorType
+    for _ in range(2):
+        tensor.dimensions.add().constant.size = 1
+    tensor.rank = len(tensor.dimensions)
+    spec_file.write_bytes(spec.SerializeToString())
+    report = ce.inspect_package(doctored, "iOS18")
+    assert report.max_rank == 6
+    with pytest.raises(ce.PackageCheckError, match="rank 6"):
+        ce.check_package(report)
+    # Reflect pads: legal ones pass, pad >= size is reported.
+    assert ce._reflect_problems("p", (1, 3, 8, 8), [2, 2, 7, 7], None) == []
+    assert "pad < size" in ce._reflect_problems("p", (1, 3, 8, 8), [2, 2, 8, 0], "8x8")[0]
+
+
+def test_reflect_pads_checked_at_every_enumerated_shape(tmp_path):
+    class Reflect(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 12, 3, padding=3, padding_mode="reflect", dilation=3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pixel_shuffle(self.conv(x), 2)
+
+    module = Reflect().eval()
+    result = ce.convert_module(module, _tiny_cfg(shapes=[(32, 32), (64, 32)], target="iOS17"),
+                               tmp_path / "reflect.mlpackage")
+    assert result.report.reflect_pads == 1 and result.report.ok
+    for h, w in [(32, 32), (64, 32)]:
+        assert ce.verify_package(result.path, module, torch.rand(1, 3, h, w)).max_abs < FP32_ATOL
+
+
+@pytest.mark.parametrize("compress,target,op,atol", [
+    ("int8", "iOS18", "constexpr_blockwise_shift_scale", 3e-2),
+    ("int8", "iOS17", "constexpr_affine_dequantize", 3e-2),        # iOS 16 style: parameters as attributes
+    ("palettize8", "iOS17", "constexpr_lut_to_dense", 3e-2),        # iOS 16 style: packed indices + shape
+    ("palettize4", "iOS18", "constexpr_lut_to_dense", 0.3),         # iOS 18 style: one LUT per 16 channels
+])
+def test_compressed_packages(tmp_path, tiny_package, compress, target, op, atol):
+    """Compressed weights: the interpreter expands each opset's constexpr ops; the output stays
+    close to the uncompressed model (random tiny weights are harder to compress than real ones)."""
+    _, model = tiny_package
+    result = ce.convert_module(model, _tiny_cfg(compress=compress, target=target),
+                               tmp_path / f"{compress}.mlpackage", model_for_metadata=model)
+    assert result.report.histogram[op] > 0 and result.report.ok
+    assert result.report.metadata["esc.compression"] == compress
+    res = ce.verify_package(result.path, model, torch.rand(1, 3, 16, 16))
+    assert res.max_abs < atol, res
+
+
+def test_image_io_package(tmp_path, tiny_package):
+    _, model = tiny_package
+    result = ce.convert_module(model, _tiny_cfg(image_io=True), tmp_path / "image.mlpackage", model_for_metadata=model)
+    desc = ci.load_program(result.path).description
+    assert desc.input[0].type.WhichOneof("Type") == "imageType"
+    assert desc.output[0].type.WhichOneof("Type") == "imageType"
+    res = ce.verify_package(result.path, model, torch.rand(1, 3, 16, 16))  # fed 0..255, output / 255
+    assert res.max_abs < 1e-4, res
+
+
+# --------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------
+def test_compute_units_parsing():
+    from runtimes.base import RunnerError
+    from runtimes.coreml_runner import parse_compute_units
+
+    assert parse_compute_units(None) == "all"
+    assert parse_compute_units("CPU_AND_NE") == "cpu_and_ne"
+    assert parse_compute_units("cpu-and-gpu") == "cpu_and_gpu"
+    assert parse_compute_units("cpu") == "cpu_only"
+    assert parse_compute_units("ane") == "cpu_and_ne"
+    with pytest.raises(RunnerError, match="cpu_and_ne"):
+        parse_compute_units("tpu")
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="the Linux branch of the runner")
+def test_runner_refuses_coreml_backend_off_macos(tiny_package):
+    from runtimes.base import RunnerError
+    from runtimes.coreml_runner import CoreMLRunner
+
+    result, _ = tiny_package
+    with pytest.raises(RunnerError, match="only on macOS"):
+        CoreMLRunner(result.path, backend="coreml", compute_units="cpu_and_ne")
+    with pytest.raises(RunnerError, match="compute units"):
+        CoreMLRunner(result.path, compute_units="npu")
+
+
+def test_runner_tiles_fixed_shape_and_latency(tiny_package):
+    from runtimes import base
+    from runtimes.coreml_runner import CoreMLRunner, latency
+
+    result, model = tiny_package
+    runner = base.load(str(result.path))
+    assert isinstance(runner, CoreMLRunner)
+    assert runner.fixed_shape == (16, 16) and runner.scale == 2 and runner.precision == "fp32"
+    info = runner.describe()
+    if platform.system() != "Darwin":
+        assert info["runtime"] == "coreml-interpreter" and "macOS" in info["backend"]
+    image = torch.rand(1, 3, 20, 27)
+    out = runner.upscale(image, overlap=2)
+    assert out.shape == (1, 3, 40, 54)
+    # Tiled through the package == tiled through PyTorch the same way.
+    from runtimes.tiling import tiled_upscale
+
+    ref = tiled_upscale(lambda t: model(t), image, 2, tile=None, fixed_shape=(16, 16), overlap=2, multiple=1)
+    assert (out - ref).abs().max() < 1e-4
+    stats = latency(runner, (16, 16), warmup=1, repeat=3)
+    assert stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"] and stats["repeat"] == 3
+
+
+# --------------------------------------------------------------------------------------
+# The real packages (CLI, golden checkpoints)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(_cli_cases()))
+def test_cli_conversion(cli_jobs, name):
+    proc, out = cli_jobs.get(name)
+    assert out.is_dir(), proc.stdout[-2000:]
+    report = ce.inspect_package(out)
+    assert report.ok and report.max_rank <= 5, report.problems
+    meta = report.metadata
+    model = name.split("-")[0]
+    assert meta["esc.variant"] == model and meta["esc.scale"] == "4"
+    assert meta["esc.weights_sha256"] == sha256_file(CHECKPOINTS[model])
+    assert "artifact" in proc.stdout and str(out) in proc.stdout
+    if name.endswith("-m2"):
+        assert report.opset == "CoreML8" and meta["esc.tile"] == "128x128" and meta["esc.precision"] == "fp16"
+        assert report.histogram["scaled_dot_product_attention"] > 0  # fused attention on iOS 18 / macOS 15
+    elif name.endswith("-iphone"):
+        assert report.opset == "CoreML7" and meta["esc.tile"] == "32x32"
+        assert "scaled_dot_product_attention" not in report.histogram and report.histogram["softmax"] > 0
+    else:
+        assert meta["esc.tile"] == "enumerated:32x32,64x64"
+    assert report.size_bytes < 8 * 2**20  # the bias is gathered from its table, not stored dense
+
+
+@pytest.mark.parametrize("name", ["esc-iphone", "esc_fp-iphone"])
+def test_fp16_package_parity_in_emulated_fp16(cli_jobs, name):
+    _, out = cli_jobs.get(name)
+    x = _set5_crop(32, 32, top=16, left=16)
+    res = ce.verify_package(out, _reference(name.split("-")[0]), x, precision="auto")
+    assert res.max_abs < FP16_ATOL and res.psnr > FP16_MIN_PSNR, res
+
+
+def test_fp32_enumerated_package_parity(cli_jobs):
+    _, out = cli_jobs.get("esc_light-enum")
+    reference = _reference("esc_light")
+    for h, w in [(32, 32), (64, 64)]:
+        res = ce.verify_package(out, reference, _set5_crop(h, w), precision="auto")
+        assert res.max_abs < FP32_ATOL, (h, w, res)
+
+
+def test_cli_user_errors(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "export" / "to_coreml.py"), "--model", "esc_light",
+                           "--shapes", "enumerated:40x40", "-o", str(tmp_path / "x.mlpackage")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "multiples of the attention window" in proc.stderr
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_validation_parity_script(tmp_path):
+    """``python validation/parity.py --artifact X.mlpackage`` (runtimes.load picks the Core ML runner)."""
+    if not (ROOT / "validation" / "parity.py").is_file():
+        pytest.skip("validation/parity.py is not in this checkout")
+    model = _tiny_model(seed=3, scale=4)
+    weights = tmp_path / "tiny_x4.pth"
+    torch.save({"params_ema": model.state_dict()}, weights)
+    ce.prepare_model(model)
+    package = tmp_path / "tiny_x4.mlpackage"
+    ce.convert_module(model, _tiny_cfg(scale=4, shapes=[(32, 32), (64, 64)]), package, model_for_metadata=model)
+    proc = subprocess.run([sys.executable, str(ROOT / "validation" / "parity.py"), "--artifact", str(package),
+                           "--weights", str(weights), "--dataset", str(SET5_X4.parents[1]), "--scale", "4",
+                           "--overlap", "8", "--quiet",
+                           "--json", str(tmp_path / "parity.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "coreml" in proc.stdout
+    # The runner of an enumerated package: tiles at its largest size, runs every listed size.
+    from runtimes.coreml_runner import CoreMLRunner
+
+    runner = CoreMLRunner(package)
+    assert runner.fixed_shape == (64, 64) and runner.describe()["enumerated_shapes"] == [[32, 32], [64, 64]]
+    x = torch.rand(1, 3, 32, 32)
+    assert (runner.infer(x) - model(x)).abs().max() < FP32_ATOL
+    assert runner.infer(torch.rand(1, 3, 20, 40)).shape == (1, 3, 80, 160)  # padded to 64x64, cropped
