@@ -53,6 +53,8 @@ Pipeline (each step is a function below; :func:`export_onnx` runs them in order)
    parity check: ONNX Runtime CPU runs the graph before and after on a random input of a
    size the trace never saw; if the outputs differ by more than ``SIMPLIFY_ATOL``
    (1e-5 for fp32) the unsimplified graph is kept and the report says why.
+   An export whose parity before simplification exceeds ``PARITY_LIMIT`` (1e-3 fp32,
+   5e-2 fp16) raises :class:`OnnxExportError` and writes nothing.
 6. **finish**: IR version 10 (onnx 1.23 writes 14; onnxruntime 1.31 reads at most 13),
    ``esc.*`` metadata, ``onnx.checker.check_model(full_check=True)``, an atomic write
    (external data above 1.9 GB).
@@ -99,6 +101,9 @@ PRECISIONS = ("fp32", "fp16")
 # esc_light's fp16 outputs by 2 ulps (1.95e-3) with identical arithmetic. A real
 # simplification bug moves outputs by orders of magnitude more.
 SIMPLIFY_ATOL = {"fp32": 1e-5, "fp16": 8 * 2.0 ** -10}
+# An export whose ONNX Runtime output is further than this from PyTorch (fp32 reference,
+# relative to the output's magnitude when above 1) is an error and is not written.
+PARITY_LIMIT = {"fp32": 1e-3, "fp16": 5e-2}
 # Constant folding leaves tensors above this many bytes computed in the graph.
 FOLD_LIMIT_BYTES = 1 << 20
 EXTERNAL_DATA_THRESHOLD = int(1.9 * 2**30)
@@ -679,6 +684,12 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
     parity_before = float(np.abs(before - expected).max())
     nodes_exported = len(proto.graph.node)
     seconds["parity"] = time.perf_counter() - start
+    limit = PARITY_LIMIT[precision] * max(1.0, float(np.abs(expected).max()))
+    if not parity_before <= limit:   # also catches NaN
+        raise OnnxExportError(
+            f"the exported graph does not reproduce the PyTorch model: max abs error {parity_before:.3g} > "
+            f"{limit:.3g} on a random {'x'.join(map(str, probe.shape))} input (ONNX Runtime CPU); nothing was "
+            f"written. This is an exporter bug: please report it with the command line.")
 
     final, simplified, note = proto, False, "not simplified (--no-simplify)"
     parity_after = delta = None
