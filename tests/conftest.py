@@ -50,3 +50,12 @@ def shared_dir() -> Path:
 def golden_dir(shared_dir: Path) -> Path:
     """Golden checkpoints and reference input/output pairs (``shared/golden``)."""
     return require_path(shared_dir / "golden")
+
+
+def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
+    """Dynamic-shape fp32 opset-18 ONNX of a checkpoint, through the toolkit's own exporter."""
+    from export.onnx_export import export_onnx
+    from models import load_model
+
+    export_onnx(load_model(checkpoint, attention="sdpa"), path, opset=18, precision="fp32", shape="dynamic")
+    return path

@@ -20,59 +20,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from conftest import export_esc_onnx
 from validation.compare import compare, compare_outputs
 from validation.parity import THRESHOLDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = "esc_light_x4_35x35_b1"
-ESC_METADATA = {
-    "esc.variant": "esc_light", "esc.arch": "esc", "esc.scale": "4", "esc.window_size": "32",
-    "esc.input_multiple": "32", "esc.attention": "sdpa", "esc.opset": "18", "esc.precision": "fp32",
-    "esc.io_dtype": "float32", "esc.shape": "dynamic", "esc.batch": "dynamic",
-}
-
-
-def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
-    """Dynamic-shape fp32 ONNX export with ``esc.*`` metadata (export.onnx_export when present).
-
-    Same recipe as tests/test_runners.py; both cache the file in the session's base
-    temp directory, so it is exported once per test run.
-    """
-    from models import load_model
-
-    model = load_model(checkpoint, attention="sdpa")
-    try:
-        from export.onnx_export import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        export_onnx(model, path, opset=18, precision="fp32", shape="dynamic")
-        return path
-
-    from onnxscript import opset18 as op
-    import onnx_ir as ir
-
-    def remainder(self, other):  # aten.remainder.Scalar whose divisor is a symbolic size
-        other = op.Constant(value=ir.tensor(other, dtype=self.dtype)) if isinstance(other, (int, float)) \
-            else op.CastLike(other, self)
-        return op.Mod(self, other)
-
-    model.deploy(precompute_bias=False)
-    dim = {2: torch.export.Dim("h", min=1, max=4096), 3: torch.export.Dim("w", min=1, max=4096),
-           0: torch.export.Dim("batch", min=1, max=64)}
-    program = torch.onnx.export(
-        model, (torch.rand(1, 3, 40, 36),), None, dynamo=True, opset_version=18, input_names=["lr"],
-        output_names=["sr"], dynamic_shapes={"x": dim}, optimize=True,
-        custom_translation_table={torch.ops.aten.remainder.Scalar: remainder})
-    proto = program.model_proto
-    proto.ir_version = 10
-    for key, value in ESC_METADATA.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    return path
-
-
 def scale_output(src: Path, dst: Path, factor: float) -> Path:
     """Copy of ``src`` whose output ``sr`` is multiplied by ``factor`` (a corrupted artifact)."""
     model = onnx.load(str(src))

@@ -21,62 +21,10 @@ from runtimes.base import Runner, RunnerError, load, register_runner, runner_cla
 from runtimes.onnx_runner import SESSION_OPTIONS_HOOKS, OnnxModelInfo, OnnxRunner, add_session_options_hook
 from runtimes.tiling import _plan_axis
 from runtimes.torch_runner import TorchRunner
+from conftest import export_esc_onnx
 from validation.compare import compare
 
 GOLDEN = "esc_light_x4_35x35_b1"
-
-ESC_METADATA = {
-    "esc.variant": "esc_light", "esc.arch": "esc", "esc.scale": "4", "esc.window_size": "32",
-    "esc.input_multiple": "32", "esc.attention": "sdpa", "esc.opset": "18", "esc.precision": "fp32",
-    "esc.io_dtype": "float32", "esc.shape": "dynamic", "esc.batch": "dynamic",
-}
-
-
-# ----------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------
-
-
-def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
-    """Export a checkpoint to a dynamic-shape fp32 ONNX file with the ``esc.*`` metadata.
-
-    Uses :func:`export.onnx_export.export_onnx` when it exists; otherwise the same
-    recipe by hand (dynamo exporter, opset 18, IR 10, metadata added here).
-    """
-    from models import load_model
-
-    model = load_model(checkpoint, attention="sdpa")
-    try:
-        from export.onnx_export import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        export_onnx(model, path, opset=18, precision="fp32", shape="dynamic")
-        return path
-
-    from onnxscript import opset18 as op
-    import onnx_ir as ir
-
-    def remainder(self, other):  # aten.remainder.Scalar whose divisor is a symbolic size
-        other = op.Constant(value=ir.tensor(other, dtype=self.dtype)) if isinstance(other, (int, float)) \
-            else op.CastLike(other, self)
-        return op.Mod(self, other)
-
-    model.deploy(precompute_bias=False)  # the graph holds the small bias table, not 16 MB per block
-    dim = {2: torch.export.Dim("h", min=1, max=4096), 3: torch.export.Dim("w", min=1, max=4096),
-           0: torch.export.Dim("batch", min=1, max=64)}
-    program = torch.onnx.export(
-        model, (torch.rand(1, 3, 40, 36),), None, dynamo=True, opset_version=18, input_names=["lr"],
-        output_names=["sr"], dynamic_shapes={"x": dim}, optimize=True,
-        custom_translation_table={torch.ops.aten.remainder.Scalar: remainder})
-    proto = program.model_proto
-    proto.ir_version = 10
-    for key, value in ESC_METADATA.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    return path
-
 
 def toy_onnx(path: Path, *, shape=("b", 3, "h", "w"), dtype=TensorProto.FLOAT, scale: int = 2,
              metadata: dict[str, str] | None = None, custom_domain: str | None = None) -> Path:
