@@ -343,30 +343,38 @@ def _dim_words(shape: Shape, batch: Batch) -> list[str]:
 
 
 # -- 3. translate ------------------------------------------------------------------------------------
+
+def clean_graph(model) -> "onnx.ModelProto":
+    """Inline, fold constants (below :data:`FOLD_LIMIT_BYTES`), drop dead code and duplicates.
+
+    Replaces torch's own graph optimiser, whose pattern rewriter took minutes on ESC; the
+    fold limit keeps the 16 MB/block dense bias out of the file.
+    """
+    import onnx_ir as ir
+    import onnxscript.optimizer as ooptimizer
+    from onnx_ir.passes import common as common_passes
+
+    ir.passes.Sequential(common_passes.InlinePass(), common_passes.RemoveUnusedNodesPass())(model)
+    ooptimizer.fold_constants_ir(model, onnx_shape_inference=True, output_size_limit=FOLD_LIMIT_BYTES // 4)
+    ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+    )(model)
+    return ir.serde.serialize_model(model)
+
 def translate(trace: Trace, opset: int = 18) -> "onnx.ModelProto":
     """ONNX for ``trace`` at ``opset``: translated, cleaned (folding <= 1 MiB, DCE, CSE)."""
-    import onnx_ir as ir
-    import onnx_ir.passes.common as passes
-    import onnxscript.optimizer as ooptimizer
 
     _check_options(opset, trace.precision)
     with _export_context(False, 0, torch.float32), _backed_size_oblivious():
         program = torch.onnx.export(
             trace.program, (), dynamo=True, opset_version=opset, optimize=False, verify=False, verbose=False,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], custom_translation_table=custom_translation_table())
-        model = program.model
-        ir.passes.Sequential(passes.InlinePass(), passes.RemoveUnusedNodesPass())(model)
-        ooptimizer.fold_constants_ir(model, onnx_shape_inference=True,
-                                     output_size_limit=FOLD_LIMIT_BYTES // 4)
-        ir.passes.Sequential(
-            passes.RemoveUnusedNodesPass(),
-            passes.CommonSubexpressionEliminationPass(),
-            passes.RemoveUnusedNodesPass(),
-            passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-            passes.DeduplicateInitializersPass(),
-            passes.RemoveUnusedOpsetsPass(),
-        )(model)
-        proto = ir.serde.serialize_model(model)
+        proto = clean_graph(program.model)
     proto.ir_version = IR_VERSION
     _strip_node_metadata(proto)
     _name_dims(proto, trace)

@@ -217,9 +217,6 @@ def trace_plugin_model(prepared: "ESCBase", shape: Any = "dynamic", batch: Any =
 def translate_plugin(program: torch.export.ExportedProgram, opset: int = 18, aot: bool = True,
                      scale: int | None = None) -> "onnx.ModelProto":
     """ONNX for a traced fused model: plugin nodes, cleaned like :func:`export.onnx_export.translate`."""
-    import onnx_ir as ir
-    import onnx_ir.passes.common as passes
-    import onnxscript.optimizer as ooptimizer
 
     from export import onnx_export as ox
 
@@ -234,19 +231,7 @@ def translate_plugin(program: torch.export.ExportedProgram, opset: int = 18, aot
             onnx_program = torch.onnx.export(
                 program, (), dynamo=True, opset_version=opset, optimize=False, verify=False, verbose=False,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], custom_translation_table=table)
-            model = onnx_program.model
-            ir.passes.Sequential(passes.InlinePass(), passes.RemoveUnusedNodesPass())(model)
-            ooptimizer.fold_constants_ir(model, onnx_shape_inference=True,
-                                         output_size_limit=ox.FOLD_LIMIT_BYTES // 4)
-            ir.passes.Sequential(
-                passes.RemoveUnusedNodesPass(),
-                passes.CommonSubexpressionEliminationPass(),
-                passes.RemoveUnusedNodesPass(),
-                passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-                passes.DeduplicateInitializersPass(),
-                passes.RemoveUnusedOpsetsPass(),
-            )(model)
-            proto = ir.serde.serialize_model(model)
+            proto = ox.clean_graph(onnx_program.model)
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
