@@ -21,7 +21,7 @@ Choices made here, and why:
   stores the precomputed dense bias instead (bigger package, no gathers at run time).
 * **Dynamic 3x3 kernels.** ESC's per-image 3x3 kernels are written in the model as nine
   shifted multiply-adds (~45 MIL ops per ConvAttn). During the trace they are replaced by
-  :func:`dynamic_depthwise3x3_as_conv` (a fixed one-hot depthwise conv, a multiply and a
+  :func:`models.layers.dynamic_depthwise3x3_conv` (a fixed one-hot depthwise conv, a multiply and a
   sum: the same arithmetic): ESC's program drops from ~2100 to ~710 ops, the package's
   ``model.mlmodel`` from 1 MB to 0.45 MB, and conversion takes half the time.
 * **Fixed shapes vs enumerated shapes.** A fixed-shape export traces one input size (any
@@ -289,41 +289,6 @@ class CoreMLAttention(WindowedBackend):
 
     def __repr__(self) -> str:
         return f"CoreMLAttention(bias={self.bias!r})"
-
-
-def onehot_taps(channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(9 * C, 1, 3, 3) depthwise weights: output channel ``9 c + t`` is tap ``t`` of channel ``c``."""
-    eye = torch.eye(9, dtype=dtype).reshape(9, 1, 3, 3)
-    return eye.repeat(channels, 1, 1, 1)
-
-
-def dynamic_depthwise3x3_as_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """:func:`models.layers.dynamic_depthwise3x3` as one fixed depthwise conv + mul + sum.
-
-    A depthwise convolution with one-hot weights copies the nine zero-padded shifts of
-    each channel exactly (one tap is 1, the others 0); the per-image kernel multiplies
-    them and a sum over the tap axis adds them (rank 5). The sum is the same, but the
-    Core ML program gets 4 ops per ConvAttn instead of ~45 (nine slices, nine selects
-    and expand_dims pairs, nine multiplies, eight adds): ESC's program shrinks from
-    ~2100 to ~1000 ops, and conversion time with it.
-    """
-    b, c, h, w = x.shape
-    taps = F.conv2d(x, onehot_taps(c, x.dtype).to(x.device), padding=1, groups=c)
-    return (taps.reshape(b, c, 9, h, w) * kernel.reshape(b, c, 9, 1, 1)).sum(dim=2)
-
-
-@contextlib.contextmanager
-def compact_dynamic_kernels(enabled: bool = True) -> Iterator[None]:
-    """Trace ESC's ConvAttn with :func:`dynamic_depthwise3x3_as_conv` (restored afterwards)."""
-    import models.blocks as blocks
-
-    original = blocks.dynamic_depthwise3x3
-    if enabled:
-        blocks.dynamic_depthwise3x3 = dynamic_depthwise3x3_as_conv
-    try:
-        yield
-    finally:
-        blocks.dynamic_depthwise3x3 = original
 
 
 class ImageOutput(nn.Module):
@@ -895,7 +860,7 @@ def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.
     or deliberately broken modules. The package is checked (:func:`inspect_package`)
     before it is moved into place; with ``check=True`` a failing package raises
     :class:`PackageCheckError` and nothing is written. ``compact_kernels``: trace the
-    dynamic 3x3 kernels as :func:`dynamic_depthwise3x3_as_conv` (default; False keeps the
+    dynamic 3x3 kernels as :func:`models.layers.dynamic_depthwise3x3_conv` (default; False keeps the
     model's nine shifted multiply-adds).
     """
     cfg.validate()
@@ -921,8 +886,11 @@ def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.
         # Trace at two windows per side: torch.export specialises symbolic sizes that are 1,
         # so an example of one window would pin the graph to that size.
         example = torch.rand(1, 3, 2 * window, 2 * window, generator=torch.Generator().manual_seed(0))
-    with compact_dynamic_kernels(compact_kernels):
-        ep = export_program(module, example, dynamic_multiple=dynamic,
+    if compact_kernels:   # the model option of every ConvAttn inside (module may wrap the model)
+        for sub in module.modules():
+            if hasattr(sub, "set_dynamic_form"):
+                sub.set_dynamic_form("conv")
+    ep = export_program(module, example, dynamic_multiple=dynamic,
                             max_size=(max(h for h, _ in shapes), max(w for _, w in shapes)))
     ml = convert_program(ep, cfg)
     meta = _metadata(cfg, model_for_metadata, weights_sha256)

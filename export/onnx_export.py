@@ -75,7 +75,6 @@ from typing import TYPE_CHECKING, Literal, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.errors import ESCError
 
@@ -215,39 +214,9 @@ def custom_translation_table() -> dict:
     return {torch.ops.aten.remainder.Scalar: _remainder_scalar}
 
 
-_ONE_HOT_TAPS: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-
-
-def _one_hot_taps(channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """(9 * C, 1, 3, 3) depthwise weights whose output 9c + t is tap t of channel c."""
-    key = (channels, dtype)
-    if key not in _ONE_HOT_TAPS:
-        eye = torch.eye(9, dtype=torch.float32).reshape(9, 1, 3, 3)
-        _ONE_HOT_TAPS[key] = eye.repeat(channels, 1, 1, 1).to(dtype)
-    return _ONE_HOT_TAPS[key]
-
-
-def compact_dynamic_depthwise3x3(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Same sum as :func:`models.layers.dynamic_depthwise3x3`, as Conv + Mul + ReduceSum.
-
-    A depthwise convolution with fixed one-hot weights copies the nine zero-padded
-    shifts of every channel (exactly: one tap is 1, the others 0), the per-image kernel
-    multiplies them and one sum over the taps adds them up (rank 5 at most).
-    """
-    b, c, h, w = x.shape
-    taps = F.conv2d(x, _one_hot_taps(c, x.dtype).to(x.device), padding=1, groups=c)
-    return (taps.reshape(b, c, 9, h, w) * kernel.reshape(b, c, 9, 1, 1)).sum(dim=2)
-
-
 @contextlib.contextmanager
-def _export_context(compact_dynamic_kernel: bool, channels: int, dtype: torch.dtype) -> Iterator[None]:
-    """Patch the dynamic-kernel function (optionally) and quiet torch's export chatter."""
-    import models.blocks as blocks
-
-    original = blocks.dynamic_depthwise3x3
-    if compact_dynamic_kernel:
-        _one_hot_taps(channels, dtype)   # a real constant, made before tracing starts
-        blocks.dynamic_depthwise3x3 = compact_dynamic_depthwise3x3
+def _export_context() -> Iterator[None]:
+    """Quiet torch's export chatter while tracing."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export",
                                                "torch.fx.experimental.symbolic_shapes", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -258,7 +227,6 @@ def _export_context(compact_dynamic_kernel: bool, channels: int, dtype: torch.dt
             warnings.simplefilter("ignore")
             yield
     finally:
-        blocks.dynamic_depthwise3x3 = original
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -325,7 +293,9 @@ def trace_model(model: "ESCBase", precision: str = "fp32", shape: Shape | str = 
     if progress:
         progress(f"tracing with torch.export ({'x'.join(_dim_words(shape, batch))}, {precision})")
     start = time.perf_counter()
-    with _export_context(compact_dynamic_kernel, reference.config.pdim, dtype), _backed_size_oblivious():
+    if compact_dynamic_kernel:
+        traced.set_dynamic_kernel_form("conv")   # traced is always a copy (prepare_for_export)
+    with _export_context(), _backed_size_oblivious():
         try:
             program = torch.export.export(traced, (example,), dynamic_shapes=(dims,) if dims else None,
                                           strict=False, prefer_deferred_runtime_asserts_over_guards=True)
@@ -370,7 +340,7 @@ def translate(trace: Trace, opset: int = 18) -> "onnx.ModelProto":
     """ONNX for ``trace`` at ``opset``: translated, cleaned (folding <= 1 MiB, DCE, CSE)."""
 
     _check_options(opset, trace.precision)
-    with _export_context(False, 0, torch.float32), _backed_size_oblivious():
+    with _export_context(), _backed_size_oblivious():
         program = torch.onnx.export(
             trace.program, (), dynamo=True, opset_version=opset, optimize=False, verify=False, verbose=False,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], custom_translation_table=custom_translation_table())

@@ -174,22 +174,11 @@ def prepare_plugin_model(model: "ESCBase", precision: str = "fp32") -> "ESCBase"
 
 @contextlib.contextmanager
 def _trace_context(model: "ESCBase", dtype: torch.dtype) -> Iterator[None]:
-    """``export.onnx_export``'s tracing context (compact dynamic kernel, quiet loggers, size-oblivious).
-
-    Falls back to a plain quiet context if that module's helpers are not there.
-    """
+    """``export.onnx_export``'s tracing context: compact dynamic kernel, quiet loggers, size-oblivious."""
     from export import onnx_export as ox
 
-    export_context = getattr(ox, "_export_context", None)
-    oblivious = getattr(ox, "_backed_size_oblivious", None)
-    with contextlib.ExitStack() as stack:
-        if export_context is not None:
-            stack.enter_context(export_context(True, model.config.pdim, dtype))
-        else:  # pragma: no cover - depends on export.onnx_export's internals
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")
-        if oblivious is not None:
-            stack.enter_context(oblivious())
+    model.set_dynamic_kernel_form("conv")   # model is the prepared copy
+    with ox._export_context(), ox._backed_size_oblivious():
         yield
 
 

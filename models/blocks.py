@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import WindowAttention
-from .layers import ChannelLayerNorm, ConvFFN, dynamic_depthwise3x3
+from .layers import ChannelLayerNorm, ConvFFN, dynamic_depthwise3x3, dynamic_depthwise3x3_conv, one_hot_taps
 
 DYNAMIC_KERNEL = 3
 
@@ -33,7 +33,33 @@ def _estimate(estimator: nn.Sequential, x1: torch.Tensor) -> torch.Tensor:
     return estimator(x1).reshape(x1.shape[0], x1.shape[1], DYNAMIC_KERNEL, DYNAMIC_KERNEL)
 
 
-class ConvAttention(nn.Module):
+class _DynamicKernelForm:
+    """Mixin: which form of the dynamic 3x3 convolution a ConvAttn module runs.
+
+    ``"shifts"`` (nine shifted multiply-adds, the default) or ``"conv"`` (one fixed
+    one-hot depthwise conv + multiply + sum: the same sum in 4 graph nodes, which
+    exporters prefer; its one-hot weights are a non-persistent buffer, so they follow
+    ``.to()``/``.half()`` and never enter the state dict). Set through
+    :meth:`models.base.ESCBase.set_dynamic_kernel_form`.
+    """
+
+    dynamic_form: str = "shifts"
+    pdim: int
+
+    def set_dynamic_form(self, form: str) -> None:
+        self.dynamic_form = form
+        if form == "conv" and getattr(self, "one_hot", None) is None:
+            weight = next(self.parameters())
+            self.register_buffer("one_hot", one_hot_taps(self.pdim, weight.dtype).to(weight.device),
+                                 persistent=False)
+
+    def dynamic_depthwise(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_form == "conv":
+            return dynamic_depthwise3x3_conv(x, kernel, self.one_hot)
+        return dynamic_depthwise3x3(x, kernel)
+
+
+class ConvAttention(_DynamicKernelForm, nn.Module):
     """ESC's ConvAttn on the first ``pdim`` channels: shared large kernel + dynamic 3x3.
 
     ``x1 -> conv(x1, LK) + depthwise(x1, DK(x1))``; the other channels pass through.
@@ -49,11 +75,11 @@ class ConvAttention(nn.Module):
         x1, x2 = x.split([self.pdim, x.shape[1] - self.pdim], dim=1)
         dk = _estimate(self.dwc_proj, x1)
         y1 = F.conv2d(x1, large_kernel.to(x.dtype), padding=large_kernel.shape[-1] // 2)
-        y1 = y1 + dynamic_depthwise3x3(x1, dk)
+        y1 = y1 + self.dynamic_depthwise(x1, dk)
         return torch.cat([y1, x2], dim=1)
 
 
-class DecomposedConvAttention(nn.Module):
+class DecomposedConvAttention(_DynamicKernelForm, nn.Module):
     """ESC-FP's ConvAttn: 1x1 channel mix, then a 13x13 depthwise kernel per image.
 
     Upstream adds the dynamic 3x3 kernel, zero-padded to 13x13, to the shared spatial
@@ -73,7 +99,7 @@ class DecomposedConvAttention(nn.Module):
         dk = _estimate(self.proj, x1)
         mixed = F.conv2d(x1, lk_channel.to(x.dtype))
         y1 = F.conv2d(mixed, lk_spatial.to(x.dtype), padding=lk_spatial.shape[-1] // 2, groups=self.pdim)
-        y1 = y1 + dynamic_depthwise3x3(mixed, dk)
+        y1 = y1 + self.dynamic_depthwise(mixed, dk)
         return torch.cat([y1, x2], dim=1)
 
 

@@ -26,3 +26,7 @@ class WeightsDownloadError(ESCError, RuntimeError):
 
 class AttentionBackendError(ESCError, RuntimeError):
     """An attention back-end cannot run here (missing device, library or feature)."""
+
+
+class ModelOptionError(ESCError, ValueError):
+    """A model option (form, back-end setting) that does not exist or cannot apply."""

@@ -130,6 +130,30 @@ def dynamic_depthwise3x3(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def one_hot_taps(channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(channels * 9, 1, 3, 3) depthwise weights whose nine outputs per channel are its shifts."""
+    eye = torch.eye(9, dtype=torch.float32).reshape(9, 1, 3, 3)
+    return eye.repeat(channels, 1, 1, 1).to(dtype)
+
+
+def dynamic_depthwise3x3_conv(x: torch.Tensor, kernel: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Same sum as :func:`dynamic_depthwise3x3`, as one fixed depthwise Conv + Mul + ReduceSum.
+
+    Why: the nine shifted slices trace to ~60 graph nodes per call (15 to 50 calls per
+    model); exporters want 4. The one-hot depthwise convolution copies the nine zero-padded
+    shifts exactly (one tap is 1, the others 0), the per-image kernel multiplies them and
+    one sum over the taps adds them up. Rank 5 at most. ``taps`` is :func:`one_hot_taps`
+    held by the caller as a buffer, so a trace sees one real constant.
+    """
+    b, c, h, w = x.shape
+    shifts = F.conv2d(x, taps.to(x.dtype), padding=1, groups=c)
+    return (shifts.reshape(b, c, 9, h, w) * kernel.reshape(b, c, 9, 1, 1)).sum(dim=2)
+
+
+#: Forms of the per-image dynamic 3x3 convolution (``ESCBase.set_dynamic_kernel_form``).
+DYNAMIC_KERNEL_FORMS = ("shifts", "conv")
+
+
 def geometric_ensemble(kernel: torch.Tensor) -> torch.Tensor:
     """Mean of the 8 dihedral transforms of a (out, in, k, k) kernel's spatial axes.
 

@@ -21,7 +21,41 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ComparisonResult", "compare", "compare_outputs"]
+__all__ = ["THRESHOLDS", "ComparisonResult", "Threshold", "compare", "compare_outputs", "threshold_for"]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Pass criteria for one precision: a bound on the maximum absolute error, and
+    optionally a floor on the PSNR between candidate and reference (images in [0, 1])."""
+
+    atol: float
+    min_psnr: float | None = None
+
+    def describe(self) -> str:
+        text = f"max abs error <= {self.atol:g}"
+        return text + (f" and PSNR >= {self.min_psnr:g} dB" if self.min_psnr is not None else "")
+
+
+#: The one table of parity thresholds by precision: every gate (export checks, runtime
+#: parity, TensorRT, Core ML, tests) reads it, so a promise in the README is enforced the
+#: same way everywhere. fp32 differs only by summation order (~1e-6 seen, 1e-4 allowed);
+#: fp16 keeps 11 significant bits (2e-2 worst pixel, 50 dB overall); bf16 keeps 8 (a whole
+#: esc x4 in bf16 on a Set5 crop: max 3.4e-2, 46.6 dB against fp32), so its bounds are looser.
+THRESHOLDS: dict[str, Threshold] = {
+    "fp32": Threshold(atol=1e-4),
+    "fp16": Threshold(atol=2e-2, min_psnr=50.0),
+    "bf16": Threshold(atol=1e-1, min_psnr=40.0),
+}
+
+
+def threshold_for(precision: str) -> Threshold:
+    """The :data:`THRESHOLDS` entry for ``precision``; a ``ValueError`` names the known ones."""
+    try:
+        return THRESHOLDS[precision]
+    except KeyError:
+        raise ValueError(f"no parity threshold for precision {precision!r}; "
+                         f"known: {', '.join(THRESHOLDS)}") from None
 
 
 @dataclass
