@@ -1,6 +1,6 @@
 """The main job on an embedded default: export ESC to ONNX, upscale sample photos, prove parity.
 
-    python -m runtimes.quickstart [--weights PATH|official:NAME] [--out outputs/quickstart]
+    esc-deploy quickstart [--weights PATH|official:NAME] [--out outputs/quickstart]
 
 1. Loads ESC x4: the given weights, else the official ``ESC_DIV2K_X4`` release asset
    (downloaded once), else, offline, random weights (said loudly: the pictures are then
