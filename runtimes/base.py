@@ -7,10 +7,11 @@ TensorRT engines, Core ML packages, OpenVINO) is one :class:`Runner` subclass th
   artifact fails before any image is touched);
 * exposes the same attributes (``name``, ``artifact``, ``scale``, ``input_multiple``,
   ``fixed_shape``, ``precision``);
-* implements exactly one method, :meth:`Runner.infer`: float32 ``(B, 3, h, w)`` in [0, 1]
+* implements exactly one method, :meth:`Runner._infer`: float32 ``(B, 3, h, w)`` in [0, 1]
   to float32 ``(B, 3, h * scale, w * scale)``, on the input's device.  Dtype conversion
   (fp16 weights or fp16 graph inputs) and static batch sizes are the runner's business,
-  never the caller's;
+  never the caller's.  The public :meth:`Runner.infer` (input checks, timing, output
+  shape check) is written once in the base class, as Polygraphy's ``infer``/``infer_impl``;
 * reports what actually ran through :meth:`Runner.describe` (runtime and version, the
   device / execution provider really used, precision, attention form, variant).
 
@@ -30,9 +31,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +46,7 @@ from models.errors import ESCError
 from .tiling import tiled_upscale, upscale_alpha
 
 __all__ = [
+    "InferTimings",
     "Runner",
     "RunnerError",
     "load",
@@ -61,8 +65,48 @@ class RunnerError(ESCError, ValueError):
     """
 
 
+@dataclass
+class InferTimings:
+    """Wall-clock seconds of every :meth:`Runner.infer` call, recorded in one place.
+
+    Why here: benchmarks and reports need the time of the back-end call itself, and
+    timing it once in the template means every runner is measured the same way
+    (CUDA outputs are synchronised before the clock stops).  ``recent`` keeps the
+    last ``maxlen`` calls so a long-running server does not grow without bound;
+    ``count`` and ``total_s`` cover every call since the last :meth:`reset`.
+    """
+
+    count: int = 0
+    total_s: float = 0.0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self.total_s += seconds
+        self.recent.append(seconds)
+
+    @property
+    def last_s(self) -> float | None:
+        """Seconds of the latest call, ``None`` before the first."""
+        return self.recent[-1] if self.recent else None
+
+    @property
+    def mean_s(self) -> float | None:
+        return self.total_s / self.count if self.count else None
+
+    def reset(self) -> None:
+        """Forget every call (e.g. after warm-up)."""
+        self.count, self.total_s = 0, 0.0
+        self.recent.clear()
+
+
 class Runner(ABC):
     """A loaded model artifact that upscales images, whatever executes it.
+
+    Template: the public :meth:`infer` is written once, here.  It checks the batch
+    (:meth:`check_batch`), times the call (:attr:`timings`), runs the back-end's
+    :meth:`_infer` and checks the output shape, so a back-end implements only
+    ``_infer`` and every runner refuses bad input with the same message.
 
     Attributes:
         name: short runtime name (``"torch"``, ``"onnxruntime"``, ...), a class attribute.
@@ -75,6 +119,7 @@ class Runner(ABC):
             artifacts; ``None`` when any size runs.
         precision: ``"fp32"`` or ``"fp16"``: the arithmetic the model runs in.
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        timings: :class:`InferTimings` of the :meth:`infer` calls (created on first use).
     """
 
     #: Short runtime name; subclasses set it.
@@ -95,18 +140,92 @@ class Runner(ABC):
 
     # -- the one method a back-end implements ---------------------------------------
     @abstractmethod
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        """Float32 ``(B, 3, h, w)`` in [0, 1] -> float32 ``(B, 3, h*scale, w*scale)``.
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Back-end inference on a batch :meth:`check_batch` accepted.
 
-        The output is on the input's device and is *not* clamped (models overshoot
-        [0, 1] near edges; writers and metrics clamp).
+        ``batch`` is a floating ``(B, 3, h, w)`` tensor in [0, 1] on the CPU or a CUDA
+        device; return ``(B, 3, h*scale, w*scale)`` float32 on ``batch``'s device.  Dtype
+        conversion and static batch sizes are the back-end's business.
         """
 
     def runtime_details(self) -> dict[str, Any]:
         """Back-end specific entries for :meth:`describe` (version, providers, ...)."""
         return {}
 
+    def default_tile(self, size: tuple[int, int]) -> int | None:
+        """Tile side :meth:`upscale` uses for an image of ``size`` (H, W) when none is asked for.
+
+        ``None`` (the default) runs the image in one call.  A runtime with a size
+        limit (a TensorRT profile's max sides) returns a tile instead of overriding
+        :meth:`upscale`.
+        """
+        return None
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse a call of ``height`` x ``width`` this artifact cannot run in one go.
+
+        Default: a fixed-shape artifact takes exactly :attr:`fixed_shape`.  Runtimes
+        that accept a range (TensorRT profiles, Core ML enumerated shapes) override it.
+        """
+        if self.fixed_shape is not None and (height, width) != tuple(self.fixed_shape):
+            raise RunnerError(
+                f"{self.artifact} takes {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs, got {height}x{width} "
+                f"(use upscale(), which tiles at the fixed shape)")
+
+    def check_batch(self, batch: Any) -> None:
+        """Refuse what no back-end can run, naming the problem and the fix.
+
+        Why once here: five runners used to carry their own copy of this check,
+        with different messages and different gaps (dtype, device).
+        """
+        if not isinstance(batch, torch.Tensor):
+            raise RunnerError(f"infer() takes a torch.Tensor (B, 3, H, W), got {type(batch).__name__}; "
+                              f"convert with torch.from_numpy(array).permute(0, 3, 1, 2) for NHWC arrays")
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise RunnerError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}; add a batch "
+                              f"dimension with x[None] and pass RGB (3 channels, no alpha: see upscale_alpha)")
+        if 0 in batch.shape:
+            raise RunnerError(f"the batch is empty (shape {tuple(batch.shape)}); pass at least one pixel")
+        if not batch.is_floating_point():
+            raise RunnerError(f"expected floating-point pixels in [0, 1], got {batch.dtype}; "
+                              f"convert with x.float() / 255 for 8-bit images")
+        if batch.device.type not in ("cpu", "cuda"):
+            raise RunnerError(f"the {self.name} runner takes CPU or CUDA tensors, got one on {batch.device}; "
+                              f"move it with x.cpu()")
+        self.check_size(int(batch.shape[2]), int(batch.shape[3]))
+
     # -- shared behaviour ------------------------------------------------------------
+    @property
+    def timings(self) -> InferTimings:
+        """Timing of every :meth:`infer` call (see :class:`InferTimings`)."""
+        if "_timings" not in self.__dict__:
+            self._timings = InferTimings()
+        return self._timings
+
+    @torch.no_grad()
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float32 ``(B, 3, h, w)`` in [0, 1] -> float32 ``(B, 3, h*scale, w*scale)``.
+
+        The output is on the input's device and is *not* clamped (models overshoot
+        [0, 1] near edges; writers and metrics clamp).
+
+        Raises:
+            RunnerError: a batch the runner cannot take (see :meth:`check_batch`), or a
+                back-end output of the wrong shape (usually a wrong ``scale``).
+        """
+        self.check_batch(batch)
+        start = time.perf_counter()
+        out = self._infer(batch)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # CUDA is asynchronous: stop the clock when done
+        self.timings.record(time.perf_counter() - start)
+        b, _, h, w = batch.shape
+        expected = (b, 3, h * self.scale, w * self.scale)
+        if tuple(out.shape) != expected:
+            raise RunnerError(f"{self.artifact} returned {tuple(out.shape)} for input {tuple(batch.shape)}; "
+                              f"expected {expected} (is scale x{self.scale} right?)")
+        return out
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.infer(batch)
 
@@ -130,6 +249,8 @@ class Runner(ABC):
     def _tiling_args(self, size: tuple[int, int], tile: int | None, overlap: int,
                      fixed_shape: tuple[int, int] | None) -> dict[str, Any]:
         """Keyword arguments for the tiler for an image of ``size`` (H, W)."""
+        if tile is None and fixed_shape is None and self.fixed_shape is None:
+            tile = self.default_tile(size)
         tile, window = self._window(tile, fixed_shape)
         sides = window if window is not None else ((tile, tile) if tile is not None else None)
         if sides is not None and size[0] <= sides[0] and size[1] <= sides[1]:
@@ -139,6 +260,15 @@ class Runner(ABC):
                 f"overlap={overlap} is too large for {sides[0]}x{sides[1]} model calls: every call must be "
                 f"larger than 2 * overlap = {2 * overlap}. Lower the overlap or use larger tiles")
         return {"tile": tile, "fixed_shape": window, "multiple": self.pad_multiple, "overlap": overlap}
+
+    def _tiled(self, tiler: Callable[..., torch.Tensor], planes: torch.Tensor, tile: int | None, overlap: int,
+               batch_size: int, progress: bool, fixed_shape: tuple[int, int] | None) -> torch.Tensor:
+        """Run ``tiler`` (colour or alpha) over ``planes`` with this runner's tiling rules."""
+        if not isinstance(planes, torch.Tensor) or planes.ndim != 4:
+            shape = tuple(planes.shape) if isinstance(planes, torch.Tensor) else type(planes).__name__
+            raise RunnerError(f"expected an (N, C, H, W) tensor, got {shape}; add a batch dimension with x[None]")
+        args = self._tiling_args(tuple(planes.shape[-2:]), tile, overlap, fixed_shape)
+        return tiler(self.infer, planes, self.scale, batch_size=batch_size, progress=progress, **args)
 
     @torch.no_grad()
     def upscale(
@@ -153,13 +283,12 @@ class Runner(ABC):
         """Upscale ``image`` (N, 3, H, W) in [0, 1] through :func:`runtimes.tiling.tiled_upscale`.
 
         ``tile=None`` runs each image in one call (any size, for dynamic-shape
-        artifacts).  Fixed-shape artifacts always tile at their own shape.
-        ``fixed_shape`` lets a dynamic runner mimic a fixed-shape one exactly (parity
-        checks tile the reference the way the candidate is tiled).  Returns float32
-        (N, 3, H*scale, W*scale), unclamped.
+        artifacts) unless :meth:`default_tile` asks for tiles.  Fixed-shape artifacts
+        always tile at their own shape.  ``fixed_shape`` lets a dynamic runner mimic a
+        fixed-shape one exactly (parity checks tile the reference the way the candidate
+        is tiled).  Returns float32 (N, 3, H*scale, W*scale), unclamped.
         """
-        args = self._tiling_args(tuple(image.shape[-2:]), tile, overlap, fixed_shape)
-        return tiled_upscale(self.infer, image, self.scale, batch_size=batch_size, progress=progress, **args)
+        return self._tiled(tiled_upscale, image, tile, overlap, batch_size, progress, fixed_shape)
 
     @torch.no_grad()
     def upscale_alpha(
@@ -172,8 +301,7 @@ class Runner(ABC):
         fixed_shape: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Upscale an alpha plane (N, 1, H, W) with the colour model (see :func:`upscale_alpha`)."""
-        args = self._tiling_args(tuple(alpha.shape[-2:]), tile, overlap, fixed_shape)
-        return upscale_alpha(self.infer, alpha, self.scale, batch_size=batch_size, progress=progress, **args)
+        return self._tiled(upscale_alpha, alpha, tile, overlap, batch_size, progress, fixed_shape)
 
     def describe(self) -> dict[str, Any]:
         """What runs: runtime, device, precision, artifact, attention, variant, scale.

@@ -270,7 +270,7 @@ class CoreMLRunner(Runner):
         return y / 255.0 if self.output_image else y
 
     @torch.no_grad()
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}")
         b, _, h, w = batch.shape

@@ -112,14 +112,7 @@ class OpenVINORunner(Runner):
         self.variant = self.metadata.get("esc.variant") or None
         self.attention = self.metadata.get("esc.attention") or None
 
-    @torch.no_grad()
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}")
-        h, w = batch.shape[-2:]
-        if self.fixed_shape is not None and (h, w) != self.fixed_shape:
-            raise ValueError(f"{self.artifact} takes {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs, "
-                             f"got {h}x{w} (use upscale(), which tiles at the fixed shape)")
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy().astype(self.io_dtype))
         outs = [self.request.infer({0: array[i:i + 1]})[0] for i in range(array.shape[0])] \
             if self.fixed_shape is not None else [self.request.infer({0: array})[0]]

@@ -119,10 +119,7 @@ class TorchRunner(Runner):
         self.attention: str | None = getattr(self.model, "attention", None)
         self.fixed_shape = None
 
-    @torch.no_grad()
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}")
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         out = self.model(batch.to(device=self.device, dtype=self.dtype))
         return out.to(device=batch.device, dtype=torch.float32)
 

@@ -174,7 +174,7 @@ class TensorRTRunner(Runner):
         return out
 
     @torch.no_grad()
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}")
         (lo, _, hi) = self.profile

@@ -149,7 +149,7 @@ def test_register_runner_plugs_in_a_new_backend(tmp_path: Path, monkeypatch: pyt
             self.artifact, self.device, self.workspace = str(artifact), device, workspace
             self.scale, self.input_multiple, self.fixed_shape, self.precision = 2, 1, (8, 8), "fp16"
 
-        def infer(self, batch):
+        def _infer(self, batch):
             return F.interpolate(batch, scale_factor=2, mode="nearest")
 
     register_runner((".engine", "plan"), FakeEngineRunner)
@@ -174,6 +174,54 @@ def test_register_runner_plugs_in_a_new_backend(tmp_path: Path, monkeypatch: pyt
     package.mkdir()
     with pytest.raises(RunnerError, match="cannot be imported"):
         load(package)
+
+
+def test_runner_template_checks_input_and_times_every_call() -> None:
+    runner = load(ConvUpscaler(), scale=2)
+    x = lr_crop(9, 11)
+    runner.infer(x)
+    runner(x)
+    assert runner.timings.count == 2 and runner.timings.last_s > 0 and runner.timings.total_s >= runner.timings.last_s
+    runner.timings.reset()
+    assert runner.timings.count == 0 and runner.timings.last_s is None
+    for bad, message in ((x[0], r"\(B, 3, H, W\).*x\[None\]"), (x[:, :1], "3 channels"),
+                         ((x * 255).to(torch.uint8), r"floating-point.*x.float\(\) / 255"),
+                         (x.to("meta"), r"CPU or CUDA tensors.*x.cpu\(\)"), (x.numpy(), "torch.Tensor"),
+                         (x[:0], "empty")):
+        with pytest.raises(RunnerError, match=message):
+            runner.infer(bad)
+    assert runner.timings.count == 0  # refused calls are not timed
+
+
+def test_default_tile_hook_tiles_without_overriding_upscale() -> None:
+    class LimitedRunner(TorchRunner):
+        def default_tile(self, size: tuple[int, int]) -> int | None:
+            return 32 if max(size) > 32 else None
+
+        def check_size(self, height: int, width: int) -> None:
+            if height > 32 or width > 32:
+                raise RunnerError(f"{height}x{width} exceeds 32x32")
+
+    runner = LimitedRunner(ConvUpscaler(), scale=2)
+    x = lr_crop(40, 70)
+    with pytest.raises(RunnerError, match="exceeds 32x32"):
+        runner.infer(x)
+    expected = load(ConvUpscaler(), scale=2).upscale(x)
+    assert (runner.upscale(x, overlap=6) - expected).abs().max() <= 1e-5
+    alpha = lr_crop(40, 70)[:, :1]
+    assert runner.upscale_alpha(alpha, overlap=6).shape == (1, 1, 80, 140)
+
+
+def test_package_surface_is_lazy() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, runtimes; from runtimes import load, Runner, RunnerError, register_runner; "
+            "assert load is runtimes.base.load; "
+            "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'coremltools', 'openvino') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------
