@@ -37,13 +37,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from models.errors import ESCError
 
-from .tiling import tiled_upscale, upscale_alpha
+from .tiling import TileOptions, tiled_upscale, upscale_alpha
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = [
     "InferTimings",
@@ -261,47 +264,41 @@ class Runner(ABC):
                 f"larger than 2 * overlap = {2 * overlap}. Lower the overlap or use larger tiles")
         return {"tile": tile, "fixed_shape": window, "multiple": self.pad_multiple, "overlap": overlap}
 
-    def _tiled(self, tiler: Callable[..., torch.Tensor], planes: torch.Tensor, tile: int | None, overlap: int,
-               batch_size: int, progress: bool, fixed_shape: tuple[int, int] | None) -> torch.Tensor:
+    def _tiled(self, tiler: Callable[..., torch.Tensor], planes: torch.Tensor, options: TileOptions) -> torch.Tensor:
         """Run ``tiler`` (colour or alpha) over ``planes`` with this runner's tiling rules."""
+        unknown = sorted(set(options) - set(TileOptions.__annotations__))
+        if unknown:
+            raise RunnerError(f"unknown tiling option(s) {', '.join(unknown)}; "
+                              f"use {', '.join(TileOptions.__annotations__)}")
         if not isinstance(planes, torch.Tensor) or planes.ndim != 4:
             shape = tuple(planes.shape) if isinstance(planes, torch.Tensor) else type(planes).__name__
             raise RunnerError(f"expected an (N, C, H, W) tensor, got {shape}; add a batch dimension with x[None]")
-        args = self._tiling_args(tuple(planes.shape[-2:]), tile, overlap, fixed_shape)
-        return tiler(self.infer, planes, self.scale, batch_size=batch_size, progress=progress, **args)
+        args = self._tiling_args(tuple(planes.shape[-2:]), options.get("tile"), options.get("overlap", 16),
+                                 options.get("fixed_shape"))
+        return tiler(self.infer, planes, self.scale, batch_size=options.get("batch_size", 4),
+                     progress=options.get("progress", False), **args)
 
     @torch.no_grad()
-    def upscale(
-        self,
-        image: torch.Tensor,
-        tile: int | None = None,
-        overlap: int = 16,
-        batch_size: int = 4,
-        progress: bool = False,
-        fixed_shape: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
+    def upscale(self, image: torch.Tensor, **options: Unpack[TileOptions]) -> torch.Tensor:
         """Upscale ``image`` (N, 3, H, W) in [0, 1] through :func:`runtimes.tiling.tiled_upscale`.
 
-        ``tile=None`` runs each image in one call (any size, for dynamic-shape
-        artifacts) unless :meth:`default_tile` asks for tiles.  Fixed-shape artifacts
-        always tile at their own shape.  ``fixed_shape`` lets a dynamic runner mimic a
-        fixed-shape one exactly (parity checks tile the reference the way the candidate
-        is tiled).  Returns float32 (N, 3, H*scale, W*scale), unclamped.
+        Options (:class:`runtimes.tiling.TileOptions`): ``tile=None`` runs each image
+        in one call (any size, for dynamic-shape artifacts) unless :meth:`default_tile`
+        asks for tiles; ``overlap=16``; ``batch_size=4``; ``progress=False``;
+        ``fixed_shape=None`` lets a dynamic runner mimic a fixed-shape one exactly
+        (parity checks tile the reference the way the candidate is tiled).
+        Fixed-shape artifacts always tile at their own shape.  Returns float32
+        (N, 3, H*scale, W*scale), unclamped.
         """
-        return self._tiled(tiled_upscale, image, tile, overlap, batch_size, progress, fixed_shape)
+        return self._tiled(tiled_upscale, image, options)
 
     @torch.no_grad()
-    def upscale_alpha(
-        self,
-        alpha: torch.Tensor,
-        tile: int | None = None,
-        overlap: int = 16,
-        batch_size: int = 4,
-        progress: bool = False,
-        fixed_shape: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """Upscale an alpha plane (N, 1, H, W) with the colour model (see :func:`upscale_alpha`)."""
-        return self._tiled(upscale_alpha, alpha, tile, overlap, batch_size, progress, fixed_shape)
+    def upscale_alpha(self, alpha: torch.Tensor, **options: Unpack[TileOptions]) -> torch.Tensor:
+        """Upscale an alpha plane (N, 1, H, W) with the colour model (see :func:`upscale_alpha`).
+
+        Takes the options of :meth:`upscale`.
+        """
+        return self._tiled(upscale_alpha, alpha, options)
 
     def describe(self) -> dict[str, Any]:
         """What runs: runtime, device, precision, artifact, attention, variant, scale.

@@ -39,15 +39,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-__all__ = ["UpscaleFn", "tiled_upscale", "upscale_alpha"]
+__all__ = ["TileOptions", "UpscaleFn", "tiled_upscale", "upscale_alpha"]
 
 #: Maps a batch (B, 3, h, w) to (B, 3, h * scale, w * scale).
 UpscaleFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TileOptions(TypedDict, total=False):
+    """The tiling keywords of :meth:`runtimes.base.Runner.upscale` and ``upscale_alpha``.
+
+    Written once so the two methods (and back-ends) share one signature instead of
+    repeating it.  Defaults: ``tile=None`` (one call per image, or the runner's
+    ``default_tile``), ``overlap=16``, ``batch_size=4``, ``progress=False``,
+    ``fixed_shape=None``; their meaning is that of :func:`tiled_upscale`.
+    """
+
+    tile: int | None
+    overlap: int
+    batch_size: int
+    progress: bool
+    fixed_shape: tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -109,37 +126,53 @@ def _batches(tiles: Sequence[_Tile], batch_size: int) -> Iterator[Sequence[_Tile
         yield tiles[i : i + batch_size]
 
 
+def _window_sides(tile: int | None, fixed_shape: tuple[int, int] | None) -> dict[str, object]:
+    """The window's sides by argument name (for messages); empty when untiled."""
+    if fixed_shape is None:
+        return {} if tile is None else {"tile": tile}
+    if tile is not None:
+        raise ValueError("pass either tile or fixed_shape, not both: fixed_shape sets the window size")
+    if not isinstance(fixed_shape, (tuple, list)) or len(fixed_shape) != 2:
+        raise ValueError(f"fixed_shape must be (height, width), got {fixed_shape!r}")
+    return {"fixed_shape[0]": fixed_shape[0], "fixed_shape[1]": fixed_shape[1]}
+
+
 def _validate(
     scale: int,
     tile: int | None,
     overlap: int,
-    batch_size: int,
-    multiple: int,
-    fixed_shape: tuple[int, int] | None,
+    batch_size: int = 4,
+    multiple: int = 1,
+    fixed_shape: tuple[int, int] | None = None,
+    progress: bool = False,
 ) -> tuple[int, int] | None:
-    """Check the tiling arguments; return the window (h, w), or None for untiled."""
+    """Check the tiling arguments; return the window (h, w), or None for untiled.
+
+    Takes every keyword of :func:`tiled_upscale` (``progress`` is accepted and
+    ignored) so :func:`upscale_alpha` can validate the options it forwards.
+    """
     _check_int("scale", scale, 1)
     _check_int("overlap", overlap, 0)
     _check_int("batch_size", batch_size, 1)
     _check_int("multiple", multiple, 1)
-    if fixed_shape is not None:
-        if tile is not None:
-            raise ValueError("pass either tile or fixed_shape, not both: fixed_shape sets the window size")
-        if not isinstance(fixed_shape, (tuple, list)) or len(fixed_shape) != 2:
-            raise ValueError(f"fixed_shape must be (height, width), got {fixed_shape!r}")
-        names = ("fixed_shape[0]", "fixed_shape[1]")
-        window = (_check_int(names[0], fixed_shape[0], 1), _check_int(names[1], fixed_shape[1], 1))
-    elif tile is not None:
-        names = ("tile", "tile")
-        window = (_check_int("tile", tile, 1),) * 2
-    else:
-        return None
-    for name, size in zip(names, window):
-        if size <= 2 * overlap:
+    sides = _window_sides(tile, fixed_shape)
+    for name, size in sides.items():
+        _check_int(name, size, 1)
+        if size <= 2 * overlap:  # type: ignore[operator]
             raise ValueError(f"{name}={size} must be > 2 * overlap = {2 * overlap}")
-        if size % multiple:
+        if size % multiple:  # type: ignore[operator]
             raise ValueError(f"{name}={size} must be a multiple of multiple={multiple}")
-    return window
+    if not sides:
+        return None
+    values = list(sides.values())
+    return (values[0], values[-1])  # type: ignore[return-value]
+
+
+def _check_planes(name: str, planes: object, channels: int) -> None:
+    """Refuse anything but an (N, channels, H, W) tensor, naming the argument."""
+    if not isinstance(planes, torch.Tensor) or planes.ndim != 4 or planes.shape[1] != channels:
+        shape = tuple(planes.shape) if isinstance(planes, torch.Tensor) else type(planes).__name__
+        raise ValueError(f"{name} must be an (N, {channels}, H, W) tensor, got {shape}")
 
 
 @torch.no_grad()
@@ -183,9 +216,7 @@ def tiled_upscale(
     Inference only: runs under ``torch.no_grad()``.
     """
     window = _validate(scale, tile, overlap, batch_size, multiple, fixed_shape)
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image must be an (N, 3, H, W) tensor, got {shape}")
+    _check_planes("image", image, 3)
     n, _, height, width = image.shape
     if n == 0 or height == 0 or width == 0:
         raise ValueError(f"image must be non-empty, got shape {tuple(image.shape)}")
@@ -238,43 +269,29 @@ def upscale_alpha(
     scale: int,
     tile: int | None,
     overlap: int,
-    batch_size: int = 4,
-    multiple: int = 1,
-    progress: bool = False,
-    fixed_shape: tuple[int, int] | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """Upscale an alpha plane (N, 1, H, W) with the colour model.
 
     The plane is replicated to three channels, sent through
-    :func:`tiled_upscale` with the same arguments, averaged back to one
-    channel and clamped to [0, 1].  Using the same model keeps the alpha
+    :func:`tiled_upscale` with the same arguments (``options``: its keywords
+    ``batch_size``, ``multiple``, ``progress``, ``fixed_shape``), averaged back
+    to one channel and clamped to [0, 1].  Using the same model keeps the alpha
     edges aligned with the sharpened colour edges, which a bicubic alpha
     would not be.  A plane that is constant in every image (the common
     "RGBA but fully opaque" case) is returned as that constant without
     calling the model: the model would only add noise to it, at the cost of
-    a second full inference.
+    a second full inference.  The arguments are checked either way.
 
     Returns:
         (N, 1, H * scale, W * scale) tensor.
     """
-    if not isinstance(alpha, torch.Tensor) or alpha.ndim != 4 or alpha.shape[1] != 1:
-        shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
-        raise ValueError(f"alpha must be an (N, 1, H, W) tensor, got {shape}")
-    _validate(scale, tile, overlap, batch_size, multiple, fixed_shape)
+    _check_planes("alpha", alpha, 1)
+    _validate(scale, tile, overlap, **options)
     n, _, height, width = alpha.shape
     flat = alpha.reshape(n, -1)
     if flat.shape[1] and bool((flat.amin(dim=1) == flat.amax(dim=1)).all()):
         constant = flat[:, :1].clamp(0.0, 1.0).reshape(n, 1, 1, 1)
         return constant.expand(n, 1, height * scale, width * scale).clone()
-    up = tiled_upscale(
-        upscale_fn,
-        alpha.expand(n, 3, height, width),
-        scale,
-        tile,
-        overlap,
-        batch_size=batch_size,
-        multiple=multiple,
-        progress=progress,
-        fixed_shape=fixed_shape,
-    )
+    up = tiled_upscale(upscale_fn, alpha.expand(n, 3, height, width), scale, tile, overlap, **options)
     return up.mean(dim=1, keepdim=True).clamp(0.0, 1.0)
