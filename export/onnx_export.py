@@ -445,22 +445,14 @@ def add_fp32_io(proto: "onnx.ModelProto") -> None:
 
 
 # -- parity --------------------------------------------------------------------------------------------
-def ort_session(model: "onnx.ModelProto | bytes | str | Path", threads: int | None = None):
-    """An ONNX Runtime CPU session (warnings silenced)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model.SerializeToString() if hasattr(model, "SerializeToString") else (
-        model if isinstance(model, bytes) else str(model))
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 def run_onnx(model, x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Run the graph's ``lr`` -> ``sr`` on ``x`` (cast to the graph's input dtype); float32 out."""
-    session = model if hasattr(model, "run") else ort_session(model)
+    """Run the graph's ``lr`` -> ``sr`` on ``x`` (cast to the graph's input dtype); float32 out.
+
+    ``model``: a session, or anything :func:`runtimes.onnx_runner.make_session` takes.
+    """
+    from runtimes.onnx_runner import make_session  # onnxruntime only when a graph is run
+
+    session = model if hasattr(model, "run") else make_session(model)
     inp = session.get_inputs()[0]
     dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
     array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -18,11 +18,11 @@ not in :func:`onnxruntime.get_available_providers`, or ONNX Runtime silently dro
 when building the session (missing CUDA/TensorRT libraries), a :class:`RunnerError` says
 so and lists what is available: a "CUDA" benchmark that ran on the CPU is worse than none.
 
-Plugin seam: every ``SessionOptions`` is made by :func:`_session_options_for`, which runs
-the hooks in :data:`SESSION_OPTIONS_HOOKS`.  A module that provides custom operators
-(e.g. the fused window-attention kernel) appends a hook that calls
-``so.register_custom_ops_library(...)`` when ``model.custom_domains`` asks for it; a
-plugin-aware runner subclass may also override :meth:`OnnxRunner.session_options`.
+Plugin seam: every session in the toolkit (this runner's, the exporters' parity checks)
+is made by :func:`make_session`, which runs the hooks in :data:`SESSION_OPTIONS_HOOKS`
+on its ``SessionOptions``.  A module that provides custom operators (e.g. the fused
+window-attention kernel) appends a hook that calls ``so.register_custom_ops_library(...)``
+when ``model.custom_domains`` asks for it.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import onnxruntime as ort
 import torch
+
+if TYPE_CHECKING:
+    import onnx
 
 from .base import Runner, RunnerError
 
@@ -44,7 +47,9 @@ __all__ = [
     "SESSION_OPTIONS_HOOKS",
     "OnnxModelInfo",
     "OnnxRunner",
+    "OnnxSource",
     "add_session_options_hook",
+    "make_session",
 ]
 
 #: Short provider names -> the ONNX Runtime execution-provider chain they request.
@@ -58,23 +63,32 @@ _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscri
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+#: What :func:`make_session` builds a session from: a path, serialized bytes or a proto.
+OnnxSource = Union[str, "os.PathLike[str]", bytes, "onnx.ModelProto"]
+
+
 class OnnxModelInfo:
     """What a session-options hook may inspect before the session exists.
 
-    ``path``: the ``.onnx`` file.  ``proto`` (loaded on first use, without external
-    weights), ``metadata`` (``metadata_props`` as a dict) and ``custom_domains`` (operator
-    domains outside the ONNX / ONNX Runtime standard ones) are computed lazily so a
-    hook that does not look costs nothing.
+    ``path``: the ``.onnx`` file, or ``None`` for a graph given in memory.  ``proto``
+    (loaded on first use, without external weights), ``metadata`` (``metadata_props``
+    as a dict) and ``custom_domains`` (operator domains outside the ONNX / ONNX Runtime
+    standard ones) are computed lazily so a hook that does not look costs nothing.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, source: OnnxSource) -> None:
+        self.source = source
+        self.path = Path(source) if isinstance(source, (str, os.PathLike)) else None
 
     @functools.cached_property
     def proto(self) -> Any:
         import onnx
 
-        return onnx.load(str(self.path), load_external_data=False)
+        if self.path is not None:
+            return onnx.load(str(self.path), load_external_data=False)
+        if isinstance(self.source, bytes):
+            return onnx.load_from_string(self.source)
+        return self.source
 
     @functools.cached_property
     def metadata(self) -> dict[str, str]:
@@ -94,6 +108,10 @@ class OnnxModelInfo:
                 return int(entry.version)
         return None
 
+    def label(self) -> str:
+        """How messages name the graph: its path, or ``<in-memory graph>``."""
+        return str(self.path) if self.path is not None else "<in-memory graph>"
+
 
 #: ``hook(session_options, model_info)`` callables run, in order, on every new
 #: session's options.  Append to it (or use :func:`add_session_options_hook`).
@@ -109,15 +127,67 @@ def add_session_options_hook(hook: SessionOptionsHook) -> SessionOptionsHook:
 
 
 def _session_options_for(model: OnnxModelInfo, threads: int | None = None) -> ort.SessionOptions:
-    """The ``SessionOptions`` for ``model``: threads, full graph optimisation, then the hooks."""
+    """The ``SessionOptions`` for ``model``: threads, full graph optimisation, then the hooks.
+
+    Logging is limited to errors: the toolkit checks what matters itself (which
+    providers really run, parity), and ONNX Runtime's warnings drown its messages.
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     for hook in SESSION_OPTIONS_HOOKS:
         hook(so, model)
     return so
+
+
+def _session_error(info: OnnxModelInfo, exc: Exception) -> str:
+    """One paragraph for a graph ONNX Runtime refused: its first line and the likely fix."""
+    text = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    try:
+        domains = info.custom_domains
+    except Exception:  # the file may not even parse; the ORT message says why
+        domains = []
+    if domains:
+        hint = (f" The graph uses custom operator domain(s) {', '.join(domains)}: register their "
+                f"library with runtimes.onnx_runner.add_session_options_hook before loading.")
+    elif "IR version" in text:
+        hint = " Re-export with an older ir_version (onnxruntime 1.31 reads IR <= 13; 10 is safe)."
+    return f"ONNX Runtime cannot load {info.label()}: {text}.{hint}"
+
+
+def make_session(
+    source: OnnxSource,
+    *,
+    providers: Sequence[str | tuple[str, dict[str, Any]]] = ("CPUExecutionProvider",),
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """The one place the toolkit creates an ONNX Runtime session.
+
+    Why one: the session-options hooks (custom-op libraries such as the fused
+    window-attention reference op) must apply to every session, the runner's and the
+    exporters' parity checks alike, or a graph that runs in one place fails in another.
+
+    Args:
+        source: an ``.onnx`` path, serialized bytes, or an ``onnx.ModelProto``.
+        providers: execution providers in priority order, names or ``(name, options)``.
+        threads: ``intra_op_num_threads`` (``None``: ONNX Runtime's default, all cores).
+
+    Raises:
+        RunnerError: ONNX Runtime cannot load the graph (the message says why and, for
+            custom domains or a too-new IR version, what to do).
+    """
+    info = OnnxModelInfo(source)
+    options = _session_options_for(info, threads)
+    data = source.SerializeToString() if hasattr(source, "SerializeToString") else source
+    try:
+        return ort.InferenceSession(os.fspath(data) if info.path is not None else data, sess_options=options,
+                                    providers=list(providers))
+    except Exception as exc:  # ORT raises its own pybind exception types
+        raise RunnerError(_session_error(info, exc)) from exc
 
 
 def _provider_chain(provider: str | Sequence[str] | None, device: str) -> tuple[list[str], str]:
@@ -192,11 +262,7 @@ class OnnxRunner(Runner):
             options[0].setdefault("device_id", device_index)
 
         self.info = OnnxModelInfo(self.artifact)
-        so = self.session_options(self.info)
-        try:
-            self.session = ort.InferenceSession(self.artifact, sess_options=so, providers=list(zip(chain, options)))
-        except Exception as exc:  # ORT raises its own pybind exception types
-            raise RunnerError(self._session_error(exc)) from exc
+        self.session = make_session(self.artifact, providers=list(zip(chain, options)), threads=threads)
         used = self.session.get_providers()
         if chain[0] not in used:
             raise RunnerError(
@@ -212,24 +278,6 @@ class OnnxRunner(Runner):
         self._read_metadata(scale, input_multiple)
 
     # -- construction helpers --------------------------------------------------------
-    def session_options(self, info: OnnxModelInfo) -> ort.SessionOptions:
-        """Seam for plugin-aware subclasses: the options this runner's session is built with."""
-        return _session_options_for(info, self.threads)
-
-    def _session_error(self, exc: Exception) -> str:
-        text = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-        hint = ""
-        try:
-            domains = self.info.custom_domains
-        except Exception:  # the file may not even parse; the ORT message says why
-            domains = []
-        if domains:
-            hint = (f" The graph uses custom operator domain(s) {', '.join(domains)}: register their "
-                    f"library with runtimes.onnx_runner.add_session_options_hook before loading.")
-        elif "IR version" in text:
-            hint = " Re-export with an older ir_version (onnxruntime 1.31 reads IR <= 13; 10 is safe)."
-        return f"ONNX Runtime cannot load {self.artifact}: {text}.{hint}"
-
     def _read_io(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input = next((i for i in inputs if i.name == "lr"), inputs[0] if len(inputs) == 1 else None)

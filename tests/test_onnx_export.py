@@ -29,6 +29,7 @@ import torch
 
 from export import common
 from export import onnx_export as ox
+from runtimes.onnx_runner import make_session
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden"
@@ -219,7 +220,7 @@ def test_fp16_with_fp32_io(exports: Exports) -> None:
         assert nodes and all(types.get(n.input[0]) == f32 for n in nodes), op
 
     io = _golden_io(FP16_CASE)
-    out = ox.run_onnx(ox.ort_session(report.path), io["lr"])
+    out = ox.run_onnx(make_session(report.path), io["lr"])
     with torch.no_grad():
         ref = exports.model(FP16_CASE)(io["lr"]).numpy()
     err = np.abs(out - ref)
@@ -235,7 +236,7 @@ def test_golden_parity(exports: Exports, case: str, opset: int) -> None:
     path = exports.artifact(case, opset)
     model = exports.model(case)
     io = _golden_io(case)
-    session = ox.ort_session(path)
+    session = make_session(path)
 
     out = ox.run_onnx(session, io["lr"])
     with torch.no_grad():
@@ -296,7 +297,7 @@ def test_any_size_and_batch(exports: Exports, case: str, opset: int) -> None:
     """The trace saw 2x39x51; the graph must not have kept any of its size decisions."""
     if case not in CASES:
         pytest.skip(f"no golden case {case}")
-    session = ox.ort_session(exports.artifact(case, opset))
+    session = make_session(exports.artifact(case, opset))
     model = exports.model(case)
     gen = torch.Generator().manual_seed(3)
     for shape in [(1, 3, 1, 1), (1, 3, 1, 9), (1, 3, 20, 20), (1, 3, 32, 64), (3, 3, 13, 40)]:
@@ -416,14 +417,14 @@ def test_keep_fp32_math_on_a_tiny_fp16_graph() -> None:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     proto.ir_version = ox.IR_VERSION
     x = np.random.default_rng(0).standard_normal((1, 2, 4, 8)).astype(np.float16)
-    before = ox.ort_session(proto).run(None, {"q": x})[0]
+    before = make_session(proto).run(None, {"q": x})[0]
     assert ox.keep_fp32_math(proto) == 3
     onnx.checker.check_model(proto, full_check=True)
     attention = next(n for n in proto.graph.node if n.op_type == "Attention")
     assert {a.name: a.i for a in attention.attribute}["softmax_precision"] == TensorProto.FLOAT
     assert [n.op_type for n in proto.graph.node] == ["Attention", "Cast", "Softmax", "Cast", "Cast", "ReduceMean",
                                                      "Cast"]
-    after = ox.ort_session(proto).run(None, {"q": x})[0]
+    after = make_session(proto).run(None, {"q": x})[0]
     assert after.dtype == np.float16 and np.abs(after.astype(np.float32) - before).max() <= 2e-3
 
 
@@ -435,7 +436,7 @@ def test_external_data_save(tmp_path: Path, monkeypatch) -> None:
     ox._save(proto, path, external=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     x = torch.rand(1, 3, 2, 2)
-    assert _max_abs(ox.run_onnx(ox.ort_session(path), x), 3.0 * x) == 0.0
+    assert _max_abs(ox.run_onnx(make_session(path), x), 3.0 * x) == 0.0
 
 
 def test_small_helpers(tmp_path: Path, capsys) -> None:
