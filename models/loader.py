@@ -1,8 +1,10 @@
-"""Recognise, build and strictly load ESC checkpoints (spandrel-style).
+"""Recognise, build and strictly load ESC and RIB-family checkpoints (spandrel-style).
 
 ``load_model`` reads a checkpoint, infers the architecture and every hyper-parameter
-from its keys and tensor shapes, builds the network, loads it with ``strict=True``
-and returns it in eval mode; ``create_model`` builds a variant by name.
+from its keys and tensor shapes (for ESC-RIB and SST the window sizes, which the weights
+do not hold, come from the caller's ``variant`` or the file name: see
+:mod:`models.rib.infer`), builds the network, loads it with ``strict=True`` and returns it
+in eval mode; ``create_model`` builds a variant by name.
 """
 from __future__ import annotations
 
@@ -22,10 +24,16 @@ from .errors import CheckpointError
 from .esc import ESC
 from .esc_fp import ESCFP
 from .esc_real import ESCReal
+from .rib.config import RIBConfig
+from .rib.esc_rib import ESCRIB
+from .rib.infer import infer_rib_config, is_rib_state_dict
+from .rib.network import RIBNetwork
+from .rib.sst import SST
 
 StateDict = dict[str, torch.Tensor]
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
-ARCH_CLASSES: dict[str, type[ESCBase]] = {"esc": ESC, "esc_fp": ESCFP, "esc_real": ESCReal}
+Model = ESCBase | RIBNetwork
+ARCH_CLASSES: dict[str, type[Model]] = {"esc": ESC, "esc_fp": ESCFP, "esc_real": ESCReal, "esc_rib": ESCRIB, "sst": SST}
 
 
 def read_state_dict(source: str | os.PathLike | Mapping) -> StateDict:
@@ -71,8 +79,13 @@ def _read_file(path: Path) -> object:
             f"file; pickles that need code to load are refused on purpose (weights_only=True).") from exc
 
 
-def infer_config(sd: StateDict) -> ESCConfig:
-    """Architecture and hyper-parameters from key names and tensor shapes."""
+def infer_config(sd: StateDict, filename: str | None = None, variant: str | None = None) -> ESCConfig | RIBConfig:
+    """Architecture and hyper-parameters from key names and tensor shapes.
+
+    ``filename`` and ``variant`` only matter for RIB checkpoints (their window sizes).
+    """
+    if is_rib_state_dict(sd):
+        return infer_rib_config(sd, filename, variant)
     if "lk_channel" in sd:
         arch = "esc_fp"
     elif "plk_filter" in sd:
@@ -110,7 +123,8 @@ def _not_esc_message(sd: StateDict) -> str:
         if share > best_share:
             best, best_share = name, share
     sample = ", ".join(sorted(keys)[:4])
-    return (f"not an ESC checkpoint: it has neither 'plk_filter' (ESC, ESC-Real) nor 'lk_channel' (ESC-FP). "
+    return (f"not an ESC checkpoint: it has neither 'plk_filter' (ESC, ESC-Real) nor 'lk_channel' (ESC-FP) "
+            f"nor RIB attention ('attn.to_hidden': ESC-RIB, SST). "
             f"Its {len(keys)} keys start with {sample}. Closest ESC variant by key overlap: {best} "
             f"({best_share:.0%} of keys shared). Check that the file is an ESC model from the official release.")
 
@@ -122,11 +136,11 @@ def _reference_keys(arch: str) -> list[str]:
         return list(ARCH_CLASSES[arch](config).state_dict())
 
 
-def build(config: ESCConfig) -> ESCBase:
+def build(config: ESCConfig | RIBConfig) -> Model:
     return ARCH_CLASSES[config.arch](config)
 
 
-def load_state_dict_strict(model: ESCBase, sd: StateDict) -> None:
+def load_state_dict_strict(model: Model, sd: StateDict) -> None:
     """``strict=True`` loading whose failure is one readable paragraph."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
@@ -152,20 +166,22 @@ def _summarise(label: str, items: list[str]) -> str:
 
 def load_model(source: str | os.PathLike | Mapping, attention: str = "sdpa", deploy: bool = True,
                scale: int | None = None, variant: str | None = None, device: str | torch.device | None = None,
-               **attention_options) -> ESCBase:
-    """Read, recognise and strictly load an ESC checkpoint; returns an eval-mode model.
+               **attention_options) -> Model:
+    """Read, recognise and strictly load an ESC or RIB-family checkpoint; returns an eval-mode model.
 
     ``source``: a ``.pth``/``.safetensors`` path, ``official:NAME`` or a state dict.
-    ``scale`` / ``variant``: optional expectations, checked against what the weights say.
+    ``scale`` / ``variant``: optional expectations, checked against what the weights say
+    (for SST weights ``variant`` also picks the window sizes the weights cannot tell).
     ``deploy``: apply the exact deploy-time folds (see :meth:`ESCBase.deploy`).
     """
     if isinstance(source, str) and hub.is_official(source):
         source = hub.resolve(source)
     sd = read_state_dict(source)
-    config = infer_config(sd)
+    filename = None if isinstance(source, Mapping) else Path(source).name
+    config = infer_config(sd, filename, variant)
     if scale is not None and scale != config.scale:
         raise CheckpointError(
-            f"the weights are for x{config.scale} (to_img has {3 * config.scale ** 2} output channels), "
+            f"the weights are for x{config.scale} (the upsampler's output channels say so), "
             f"but x{scale} was asked for. Use weights trained for x{scale} or drop the scale option.")
     found, exact = closest_variant(config)
     if variant is not None:
@@ -186,7 +202,7 @@ def load_model(source: str | os.PathLike | Mapping, attention: str = "sdpa", dep
 
 def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | None = None,
                  attention: str = "sdpa", deploy: bool = False, device: str | torch.device | None = None,
-                 seed: int | None = 0, **attention_options) -> ESCBase:
+                 seed: int | None = 0, **attention_options) -> Model:
     """Build the named variant; with ``weights``, load them strictly (checked against the name).
 
     Without weights the network gets random weights and a warning: its output is
@@ -213,10 +229,15 @@ def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | N
 
 
 @torch.no_grad()
-def randomise(model: ESCBase) -> None:
-    """Give the tensors our constructors leave at zero a non-trivial random value."""
+def randomise(model: Model) -> None:
+    """Give the tensors our constructors leave at zero a non-trivial random value.
+
+    The RIB bias MLP gets upstream's initialisation (normal, std 0.05).
+    """
     for name, p in model.named_parameters():
         if name.endswith(("plk_filter", "lk_channel", "lk_spatial")):
             p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
         elif name.endswith("relative_position_bias"):
             p.normal_(0.0, 0.02)
+        elif name.endswith(("attn.to_hidden", "attn.to_q", "attn.to_k")):
+            p.normal_(0.0, 0.05)
