@@ -57,6 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from runtimes.cli_args import SIZE_SYNTAX, parse_size  # noqa: E402
+
 ESC_MODELS = ("esc", "esc_light", "esc_fp", "esc_real", "esc_xl")
 PEERS = ("swinir_light", "omnisr", "span")
 RUNTIMES = ("torch", "torch_compile", "onnxruntime", "openvino", "tensorrt", "coreml")
@@ -87,18 +89,6 @@ def package_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"1280x720"`` -> (width, height)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT, e.g. 1280x720; got {text!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def size_text(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -715,8 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtimes", default="torch,torch_compile,onnxruntime,openvino",
                    help=f"comma-separated runtimes ({', '.join(RUNTIMES)}). Default: %(default)s")
     p.add_argument("--scale", type=int, default=4, choices=(2, 3, 4), help="upscaling factor (default 4)")
-    p.add_argument("--output-size", type=parse_size, default=(1280, 720), metavar="WxH",
-                   help="output WIDTHxHEIGHT; the input is this / scale (default 1280x720)")
+    p.add_argument("--output-size", type=parse_size, default=(720, 1280), metavar="WIDTHxHEIGHT",
+                   help=f"output size ({SIZE_SYNTAX}); the input is this / scale (default 1280x720)")
     p.add_argument("--precision", default="fp32",
                    help=f"comma-separated precisions ({', '.join(PRECISIONS)}). Default: fp32")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
@@ -760,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             parser.error(f"--device {device}: this PyTorch build sees no CUDA device (torch {torch.__version__})")
-    ow, oh = args.output_size
+    oh, ow = args.output_size
     if ow % args.scale or oh % args.scale:
         parser.error(f"--output-size {ow}x{oh} is not divisible by --scale {args.scale}")
     iw, ih = ow // args.scale, oh // args.scale

@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from models.errors import ESCError
 from runtimes import imageio
 from runtimes.base import Runner, load
+from runtimes.cli_args import add_runner_args, positive_int, runner_options
 
 __all__ = ["main", "upscale_file"]
 
@@ -46,60 +46,29 @@ class UsageError(Exception):
     """A mistake in the command line: printed as ``error: ...``, exit status 2."""
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+EXAMPLES = """examples:
+  python -m runtimes.upscale photo.png photo_x4.png --artifact artifacts/esc_x4.onnx
+  python -m runtimes.upscale photos/ upscaled/ --artifact official:ESC_light_X4 --tile 256 --overlap 32
+  esc-deploy upscale frame.png frame_x4.png --artifact esc_x4.engine --device cuda
 
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+exit status: 0 all files written, 1 some files failed or were skipped, 2 usage error."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtimes.upscale",
         description="Upscale an image or a directory of images with an ESC model "
-                    "(.pth/.safetensors/official:NAME checkpoint, or an exported .onnx).",
-        epilog="Exit status: 0 all files written, 1 some files failed or were skipped, 2 usage error.",
+                    "(.pth/.safetensors/official:NAME checkpoint, or an exported .onnx, .engine, .mlpackage).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, help="image file or directory of images")
     parser.add_argument("output", type=Path, help="output file, or directory (created if missing)")
-    parser.add_argument("--artifact", required=True,
-                        help="model to run: checkpoint (.pth, .safetensors, official:NAME, torch:PATH) or .onnx")
-    parser.add_argument("--tile", type=_positive, default=None,
-                        help="model input size per call (default: whole image; fixed-shape artifacts use their own)")
-    parser.add_argument("--overlap", type=_non_negative, default=16,
-                        help="context pixels around each tile (default 16)")
-    parser.add_argument("--batch-size", type=_positive, default=4, help="tiles per model call (default 4)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default=None,
-                        help="ONNX Runtime execution provider (default: from --device)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
-                        help="PyTorch runner precision (fp16 needs CUDA); ONNX files carry their own")
-    parser.add_argument("--attention", default=None, help="PyTorch runner attention back-end (default sdpa)")
-    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for the runtime")
-    parser.add_argument("--scale", type=_positive, default=None,
+    add_runner_args(parser, artifact_help="model to run: checkpoint (.pth, .safetensors, official:NAME, "
+                                          "torch:PATH) or an exported artifact (.onnx, .engine, .mlpackage)")
+    parser.add_argument("--scale", type=positive_int, default=None,
                         help="upscaling factor, only for ONNX files without esc.scale metadata")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the flags that were given: the runner refuses, by name, those it cannot use."""
-    given = {"provider": args.provider, "precision": args.precision, "attention": args.attention,
-             "threads": args.threads, "scale": args.scale}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -172,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         pairs = _plan(args)
-        runner = load(args.artifact, device=args.device, **_runner_options(args))
+        runner = load(args.artifact, device=args.device, **runner_options(args, scale=args.scale))
     except (UsageError, ESCError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

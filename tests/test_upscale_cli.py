@@ -200,3 +200,39 @@ def test_missing_input_is_a_usage_error(tiny_checkpoint: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "nope.png"), str(tmp_path / "o.png"), "--artifact", str(tiny_checkpoint)]) == 2
     assert "error: input not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------
+# runtimes.cli_args: the size syntax and runner flags every command shares
+# ----------------------------------------------------------------------------------
+
+
+def test_sizes_are_width_by_height_everywhere() -> None:
+    from runtimes.cli_args import format_size, parse_size
+
+    assert parse_size("1280x720") == (720, 1280) and parse_size(" 64X32 ") == (32, 64)
+    assert format_size(*parse_size("1280x720")) == "1280x720"
+    for bad in ("720", "1280x", "0x720", "1280*720", "-1x5"):
+        with pytest.raises(ValueError, match=r"WIDTHxHEIGHT, e\.g\. 1280x720"):
+            parse_size(bad)
+
+
+def test_upscale_and_parity_share_the_runner_flags() -> None:
+    import argparse
+
+    from runtimes.cli_args import runner_options
+    from runtimes.upscale import build_parser as upscale_parser
+    from validation.parity import build_parser as parity_parser
+
+    flags = ["--artifact", "a.onnx", "--provider", "cuda", "--threads", "2", "--tile", "64", "--overlap", "8"]
+
+    def runner_flags(parser: argparse.ArgumentParser) -> set[str]:
+        group = next(g for g in parser._action_groups if g.title and g.title.startswith("runner"))
+        return {a.option_strings[0] for a in group._group_actions}
+
+    up = upscale_parser().parse_args(["in.png", "out.png", *flags])
+    par = parity_parser().parse_args([*flags, "--dataset", "d", "--scale", "4"])
+    assert runner_flags(upscale_parser()) == runner_flags(parity_parser())
+    assert runner_options(up) == runner_options(par) == {"provider": "cuda", "threads": 2}
+    assert (up.tile, up.overlap, up.batch_size) == (par.tile, par.overlap, par.batch_size) == (64, 8, 4)
+    assert runner_options(up, scale=up.scale) == runner_options(up)  # --scale not given: not passed on

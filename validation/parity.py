@@ -49,31 +49,13 @@ import torch
 from models.errors import ESCError
 from runtimes import imageio
 from runtimes.base import Runner, RunnerError, load, runner_class_for
-from validation.compare import ComparisonResult, compare
+from runtimes.cli_args import add_runner_args, positive_int, runner_options
+from validation.compare import THRESHOLDS, ComparisonResult, Threshold, compare
 from validation.metrics import psnr, ssim
 
 __all__ = ["THRESHOLDS", "ImageParity", "ParityReport", "Threshold", "find_images", "main", "run_parity"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """Pass criteria for one precision."""
-
-    atol: float
-    min_psnr: float | None = None
-
-    def describe(self) -> str:
-        text = f"max abs error <= {self.atol:g}"
-        return text + (f" and PSNR >= {self.min_psnr:g} dB" if self.min_psnr is not None else "")
-
-
-#: Parity thresholds by precision (outputs clamped to [0, 1], compared before rounding).
-THRESHOLDS: dict[str, Threshold] = {
-    "fp32": Threshold(atol=1e-4),
-    "fp16": Threshold(atol=2e-2, min_psnr=50.0),
-}
 
 
 @dataclass
@@ -319,14 +301,12 @@ def run_parity(
 # ----------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+EXAMPLES = """examples:
+  python validation/parity.py --artifact artifacts/esc_x4.onnx --weights ESC_DIV2K_X4.pth \\
+      --dataset ../shared/data/Set5 --scale 4
+  python validation/parity.py --artifact ESC_DIV2K_X4.pth --precision fp16 --device cuda \\
+      --dataset ../shared/data/Set5 --scale 4 --json parity.json
+  esc-deploy parity --artifact esc_x4.mlpackage --weights ESC_DIV2K_X4.pth --dataset DIR --scale 4 --tile 128"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,27 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
             f"artifact's precision: {thresholds}.\n"
             "Quality vs HR (PSNR/SSIM on Y, scale pixels shaved, outputs rounded to 8 bits) is\n"
             "reported, not checked. Exit status: 0 parity passed, 1 parity failed, 2 usage error."),
+        epilog=EXAMPLES,
     )
-    parser.add_argument("--artifact", required=True, help="artifact to check (.onnx, .pth, official:NAME, ...)")
+    add_runner_args(parser, artifact_help="artifact to check (.onnx, .engine, .mlpackage, .pth, official:NAME, ...)")
     parser.add_argument("--reference", choices=("torch",), default="torch", help="reference runtime (torch)")
     parser.add_argument("--weights", default=None,
                         help="checkpoint of the reference model (required unless the artifact is a checkpoint)")
     parser.add_argument("--dataset", required=True, type=Path,
                         help="DIR with LR_bicubic/X{S}/ and HR/ (Set5 layout), or a flat folder of LR images")
-    parser.add_argument("--scale", required=True, type=_positive, help="upscaling factor S")
+    parser.add_argument("--scale", required=True, type=positive_int, help="upscaling factor S")
     parser.add_argument("--json", type=Path, default=None, help="write the full report as JSON here")
-    parser.add_argument("--tile", type=_positive, default=None, help="tile size for both runs (default: whole image)")
-    parser.add_argument("--overlap", type=int, default=16, help="tile overlap (default 16)")
-    parser.add_argument("--batch-size", type=_positive, default=4, help="tiles per call (default 4)")
-    parser.add_argument("--limit", type=_positive, default=None, help="only the first N images (sorted by name)")
-    parser.add_argument("--device", default="cpu", help="artifact device: cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default=None,
-                        help="ONNX Runtime execution provider for an .onnx artifact")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
-                        help="precision for a checkpoint artifact (the reference is always fp32)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N images (sorted by name)")
     parser.add_argument("--reference-device", default="cpu",
                         help="device of the fp32 PyTorch reference (default cpu; TF32 is disabled on CUDA)")
-    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for the artifact's runtime")
     parser.add_argument("--atol", type=float, default=None, help="override the max abs error threshold")
     parser.add_argument("--min-psnr", type=float, default=None, help="override the PSNR threshold (dB)")
     parser.add_argument("--quiet", action="store_true", help="no per-image progress lines")
@@ -370,16 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        options = {k: v for k, v in {"provider": args.provider, "precision": args.precision,
-                                     "threads": args.threads}.items() if v is not None}
         is_checkpoint = runner_class_for(args.artifact).name == "torch"
         weights = args.weights or (args.artifact if is_checkpoint else None)
         if weights is None:
             raise RunnerError(f"--weights is required: {args.artifact} is not a PyTorch checkpoint, so the "
                               f"reference model must be given as one (.pth / .safetensors / official:NAME)")
-        if args.overlap < 0:
-            raise RunnerError(f"--overlap must be >= 0, got {args.overlap}")
-        runner = load(args.artifact, device=args.device, **options)
+        runner = load(args.artifact, device=args.device, **runner_options(args))
         if torch.device(args.reference_device).type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
