@@ -2,7 +2,8 @@
 
 - :func:`atomic_output`: write a file *or a directory* (``.mlpackage``) under a temporary
   name in the destination folder and move it into place only on success.
-- :func:`sha256_file`, :func:`toolkit_version`, :func:`human_size`.
+- :func:`sha256_file`, :func:`human_size`; :func:`toolkit_version` is re-exported from
+  :mod:`runtimes.metadata`, which owns it with the rest of the artifact metadata schema.
 - :func:`print_summary`: the one-screen box every exporter ends with.
 - :func:`resolve_weights_arg` and :func:`add_common_args`: the shared
   ``--model/--scale/--weights/-o`` handling.
@@ -25,11 +26,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runtimes.metadata import toolkit_version
+
 if TYPE_CHECKING:  # pragma: no cover
     from models import ESCBase
 
-DIST_NAME = "esc-deploy"
-FALLBACK_VERSION = "0.1.0"
+__all__ = ["atomic_output", "sha256_file", "toolkit_version", "human_size", "path_size", "format_summary",
+           "print_summary", "add_common_args", "resolve_weights_arg", "run_cli"]
+
 EXIT_USER_ERROR = 2
 
 
@@ -88,18 +92,6 @@ def path_size(path: str | os.PathLike) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return p.stat().st_size
-
-
-def toolkit_version() -> str:
-    """The installed ``esc-deploy`` version, or ``0.1.0`` when it is not installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return FALLBACK_VERSION
-    try:
-        return version(DIST_NAME)
-    except PackageNotFoundError:
-        return FALLBACK_VERSION
 
 
 def human_size(n: int | float) -> str:

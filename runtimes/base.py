@@ -29,12 +29,14 @@ so ``import runtimes.base`` never imports onnxruntime or TensorRT) or by calling
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import os
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +45,7 @@ import torch
 
 from models.errors import ESCError
 
+from .metadata import ArtifactMetadata, MetadataError, resolve_scale
 from .tiling import TileOptions, tiled_upscale, upscale_alpha
 
 if TYPE_CHECKING:
@@ -52,7 +55,9 @@ __all__ = [
     "InferTimings",
     "Runner",
     "RunnerError",
+    "artifact_scale",
     "load",
+    "metadata_errors",
     "register_runner",
     "registered_runners",
     "runner_class_for",
@@ -66,6 +71,31 @@ class RunnerError(ESCError, ValueError):
     The message names the problem and the fix; command-line tools print it as
     ``error: ...`` and exit with status 2 instead of showing a traceback.
     """
+
+
+@contextlib.contextmanager
+def metadata_errors() -> Iterator[None]:
+    """Re-raise a :class:`runtimes.metadata.MetadataError` as a :class:`RunnerError`.
+
+    Why: callers of :func:`load` catch one error type for "this artifact cannot run",
+    whether the problem was found by the runner or by the metadata schema.
+    """
+    try:
+        yield
+    except MetadataError as exc:
+        raise RunnerError(str(exc)) from None
+
+
+def artifact_scale(meta: ArtifactMetadata, scale: int | None, source: str, static_scale: int | None = None) -> int:
+    """:func:`runtimes.metadata.resolve_scale`, where a static graph's shapes may stand in for metadata.
+
+    ``static_scale`` is what a fixed-shape graph's output/input sides imply; it is used
+    only when the artifact has no ``esc.scale`` (files exported elsewhere).
+    """
+    if meta.scale is None and static_scale is not None:
+        meta = dataclasses.replace(meta, scale=static_scale)
+    with metadata_errors():
+        return resolve_scale(meta, scale, source)
 
 
 @dataclass

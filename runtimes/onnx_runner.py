@@ -40,7 +40,8 @@ import torch
 if TYPE_CHECKING:
     import onnx
 
-from .base import Runner, RunnerError
+from .base import Runner, RunnerError, artifact_scale, metadata_errors
+from .metadata import ArtifactMetadata
 
 __all__ = [
     "PROVIDERS",
@@ -208,16 +209,6 @@ def _provider_chain(provider: str | Sequence[str] | None, device: str) -> tuple[
     return chain, _FULL_NAMES.get(chain[0], chain[0])
 
 
-def _int_metadata(metadata: dict[str, str], key: str, path: str) -> int | None:
-    value = metadata.get(key)
-    if value in (None, ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise RunnerError(f"{path}: metadata {key}={value!r} is not an integer") from None
-
-
 class OnnxRunner(Runner):
     """ONNX Runtime execution of an exported ``.onnx`` ESC model.
 
@@ -273,8 +264,9 @@ class OnnxRunner(Runner):
         self.device = "cpu" if chain[0] == "CPUExecutionProvider" else f"cuda:{options[0].get('device_id', 0)}"
 
         self._read_io()
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = dict(metadata)
+        props = self.session.get_modelmeta().custom_metadata_map
+        with metadata_errors():
+            self.metadata = ArtifactMetadata.from_props(props, source=self.artifact)
         self._read_metadata(scale, input_multiple)
 
     # -- construction helpers --------------------------------------------------------
@@ -297,31 +289,23 @@ class OnnxRunner(Runner):
         h, w = shape[2], shape[3]
         self.fixed_shape = (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
 
+    def _static_scale(self) -> int | None:
+        """The factor a fixed-shape graph's output height implies (files without metadata)."""
+        out = self.output.shape
+        if self.fixed_shape is not None and isinstance(out[2], int) and out[2] % self.fixed_shape[0] == 0:
+            return out[2] // self.fixed_shape[0]
+        return None
+
     def _read_metadata(self, scale: int | None, input_multiple: int | None) -> None:
         meta = self.metadata
-        found = _int_metadata(meta, "esc.scale", self.artifact)
-        if found is None and self.fixed_shape is not None:
-            out = self.output.shape
-            if isinstance(out[2], int) and out[2] % self.fixed_shape[0] == 0:
-                found = out[2] // self.fixed_shape[0]
-        if found is not None and scale is not None and found != scale:
-            raise RunnerError(f"{self.artifact} upscales x{found} (esc.scale metadata), but scale={scale} was given")
-        if found is None and scale is None:
-            raise RunnerError(
-                f"{self.artifact} has no esc.scale metadata, so its upscaling factor is unknown; "
-                f"pass scale=N (--scale N), or re-export it with export.onnx_export")
-        self.scale = int(found if found is not None else scale)  # type: ignore[arg-type]
-        multiple = _int_metadata(meta, "esc.input_multiple", self.artifact)
-        self.input_multiple = int(multiple or input_multiple or 1)
-        shape = meta.get("esc.shape", "")
-        if self.fixed_shape is not None and "x" in shape:
-            declared = tuple(int(v) for v in shape.lower().split("x"))
-            if declared != self.fixed_shape:
-                raise RunnerError(f"{self.artifact}: esc.shape metadata says {shape} but the graph input is "
-                                  f"{self.fixed_shape[0]}x{self.fixed_shape[1]}")
-        self.precision = meta.get("esc.precision") or ("fp16" if self.io_dtype == np.float16 else "fp32")
-        self.variant = meta.get("esc.variant") or None
-        self.attention = meta.get("esc.attention") or None
+        self.scale = artifact_scale(meta, scale, self.artifact, self._static_scale())
+        self.input_multiple = int(meta.input_multiple or input_multiple or 1)
+        if self.fixed_shape is not None and meta.fixed_shape is not None and meta.fixed_shape != self.fixed_shape:
+            raise RunnerError(f"{self.artifact}: esc.shape metadata says {meta.shape} but the graph input is "
+                              f"{self.fixed_shape[0]}x{self.fixed_shape[1]}")
+        self.precision = meta.precision or ("fp16" if self.io_dtype == np.float16 else "fp32")
+        self.variant = meta.variant
+        self.attention = meta.attention
 
     # -- inference -------------------------------------------------------------------
     def _run(self, array: np.ndarray) -> np.ndarray:
@@ -348,11 +332,11 @@ class OnnxRunner(Runner):
 
     def runtime_details(self) -> dict[str, Any]:
         meta = self.metadata
-        opset = meta.get("esc.opset")
+        opset = meta.opset
         if opset is None:
             try:
                 opset = self.info.opset
-            except Exception:
+            except Exception:  # a file that loaded in ORT but not in onnx: no opset to report
                 opset = None
         return {
             "runtime_version": ort.__version__,
@@ -361,10 +345,10 @@ class OnnxRunner(Runner):
             "io_dtype": np.dtype(self.io_dtype).name,
             "static_batch": self.static_batch,
             "threads": self.threads,
-            "opset": int(opset) if opset not in (None, "") else None,
-            "arch": meta.get("esc.arch"),
-            "weights_sha256": meta.get("esc.weights_sha256"),
-            "toolkit_version": meta.get("esc.toolkit_version"),
+            "opset": opset,
+            "arch": meta.arch,
+            "weights_sha256": meta.weights_sha256,
+            "toolkit_version": meta.toolkit_version,
         }
 
     def close(self) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Runner, RunnerError
+from .base import Runner, RunnerError, artifact_scale, metadata_errors
+from .metadata import ArtifactMetadata, read_onnx_metadata
 
 __all__ = ["OpenVINORunner"]
 
@@ -27,16 +28,12 @@ _DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
 _PRECISION_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 
 
-def _onnx_metadata(path: str) -> dict[str, str]:
+def _onnx_metadata(path: str) -> ArtifactMetadata:
+    """The ``esc.*`` metadata of an ONNX file; empty for an IR ``.xml`` (it has none)."""
     if not path.lower().endswith(".onnx"):
-        return {}
-    try:
-        import onnx
-
-        proto = onnx.load(path, load_external_data=False)
-        return {p.key: p.value for p in proto.metadata_props}
-    except Exception:  # metadata is optional; OpenVINO reports a truly broken file itself
-        return {}
+        return ArtifactMetadata()
+    with metadata_errors():
+        return read_onnx_metadata(path)
 
 
 class OpenVINORunner(Runner):
@@ -100,17 +97,13 @@ class OpenVINORunner(Runner):
         if pshape.rank.is_static and len(pshape) == 4 and pshape[2].is_static and pshape[3].is_static:
             self.fixed_shape = (pshape[2].get_length(), pshape[3].get_length())
         self.metadata = _onnx_metadata(self.artifact)
-        found = int(self.metadata["esc.scale"]) if self.metadata.get("esc.scale") else None
-        if found is None and self.fixed_shape is not None and oshape.rank.is_static and oshape[2].is_static:
-            found = oshape[2].get_length() // self.fixed_shape[0]
-        if found is not None and scale is not None and found != scale:
-            raise RunnerError(f"{self.artifact} upscales x{found}, but scale={scale} was given")
-        if found is None and scale is None:
-            raise RunnerError(f"{self.artifact}: the upscaling factor is unknown; pass scale=N")
-        self.scale = int(found or scale)  # type: ignore[arg-type]
-        self.input_multiple = int(self.metadata.get("esc.input_multiple") or 1)
-        self.variant = self.metadata.get("esc.variant") or None
-        self.attention = self.metadata.get("esc.attention") or None
+        static = None
+        if self.fixed_shape is not None and oshape.rank.is_static and oshape[2].is_static:
+            static = oshape[2].get_length() // self.fixed_shape[0]
+        self.scale = artifact_scale(self.metadata, scale, self.artifact, static)
+        self.input_multiple = int(self.metadata.input_multiple or 1)
+        self.variant = self.metadata.variant
+        self.attention = self.metadata.attention
 
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy().astype(self.io_dtype))
@@ -121,7 +114,7 @@ class OpenVINORunner(Runner):
 
     def runtime_details(self) -> dict[str, Any]:
         return {"runtime_version": self._ov_version, "ov_device": self.ov_device, "threads": self.threads,
-                "opset": self.metadata.get("esc.opset")}
+                "opset": self.metadata.opset}
 
     def close(self) -> None:
         self.request = None  # type: ignore[assignment]
