@@ -14,32 +14,23 @@ softmax, window merge and crop) becomes a single node between the ``to_qkv`` and
                                  +--> esc::window_attention --> (B, heads*16, H, W)
     table (heads, (2w-1)^2) -----+    (initializer: the block's relative_position_bias)
 
-Node layout (what TensorRT's ONNX parser needs to bind a Python plugin, TensorRT >= 10.9
-``tensorrt.plugin``; see :mod:`export.trt_plugin`):
-
-* ``op_type`` = ``window_attention``: the plugin *name*, exactly as registered with
-  ``@trtp.register("esc::window_attention")``;
-* string attribute ``plugin_namespace`` = ``"esc"``: the plugin *namespace*;
-* int attribute ``aot`` = 1: asks the parser for the plugin's ahead-of-time
-  implementation (``@trtp.aot_impl``, the Triton kernel compiled to PTX and embedded in
-  the engine), so engines run without Python, under ``trtexec`` too (0: the JIT
-  ``@trtp.impl``, a Python callback at run time);
-* int attributes ``window`` and ``heads``: the plugin's attributes. The parser hands
-  every other attribute to the plugin creator, which rejects names it does not know, so
-  the node carries nothing else;
-* domain ``esc`` (opset ``esc`` version 1), so ``onnx.checker`` accepts the graph. The
-  TensorRT parser looks plugins up by ``op_type`` and ``plugin_namespace``. ONNX
-  Runtime runs the node through :mod:`runtimes.plugin_ops` (onnxruntime-extensions).
+The node's layout (domain ``esc``, ``op_type`` ``window_attention``, attributes ``window``,
+``heads``, ``plugin_namespace``, ``aot``) is the op's cross-format contract in
+:mod:`runtimes.plugin_ops.contract`; TensorRT binds it to the Python plugin of
+:mod:`runtimes.plugin_ops.tensorrt_plugin`, ONNX Runtime runs it through the reference op of
+:mod:`runtimes.plugin_ops.onnxruntime_op`.
 
 How: the model is exported with ``attention="fused"`` (each attention is already one
 ``esc::window_attention`` PyTorch custom op under ``torch.export``) through
 ``torch.onnx.export(dynamo=True, custom_translation_table={esc.window_attention: ...})``
 whose translation emits the custom node. Tracing and clean-up reuse
 :mod:`export.onnx_export` (compact dynamic-kernel trace, constant folding <= 1 MiB, DCE,
-CSE, IR version 10, ``esc.*`` metadata with ``esc.attention = "plugin"``), then
-:func:`verify_plugin_graph` checks the result: no ``Softmax``, no ``Reshape`` to rank >= 6
-(the windowing is inside the node), exactly ``n_blocks`` plugin nodes with the right
-attributes and an initializer table of the right shape.
+CSE, IR version 10, ``esc.*`` metadata through :class:`runtimes.metadata.ArtifactMetadata`
+with ``esc.attention = "plugin"``), then :func:`verify_plugin_graph` checks the result: no
+``Softmax``, no ``Reshape`` to rank >= 6 (the windowing is inside the node), exactly
+``n_blocks`` plugin nodes with the right attributes and an initializer table of the right
+shape. An fp32 file is then loaded back through :func:`runtimes.load` (the reference op)
+and compared with PyTorch by :func:`export.verify.verify_artifact` before it takes its name.
 
 The graph is exported in the requested precision (fp32, fp16, bf16: weights, table and
 activations), with float32 ``lr``/``sr`` (``Cast`` nodes at the boundary for fp16/bf16),
@@ -59,33 +50,33 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from models.errors import ESCError
+from runtimes.metadata import ArtifactMetadata, write_onnx_metadata
+from runtimes.plugin_ops.contract import (
+    AOT_ATTRIBUTE,
+    ATTENTION_LABEL,
+    IR_VERSION,
+    NAMESPACE_ATTRIBUTE,
+    PLUGIN_DOMAIN,
+    PLUGIN_DOMAIN_VERSION,
+    PLUGIN_ID,
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    is_plugin_node,
+    op_schema,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
     from models import ESCBase
 
-# -- the node's contract (shared with runtimes.plugin_ops and export.trt_plugin) ------------------
-PLUGIN_NAME = "window_attention"
-PLUGIN_NAMESPACE = "esc"
-PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-PLUGIN_DOMAIN = "esc"
-PLUGIN_DOMAIN_VERSION = 1
-NAMESPACE_ATTRIBUTE = "plugin_namespace"
-AOT_ATTRIBUTE = "aot"
-PLUGIN_ATTRIBUTES = ("window", "heads")
-ATTENTION_LABEL = "plugin"
-
 INPUT_NAME = "lr"
 OUTPUT_NAME = "sr"
-IR_VERSION = 10
 PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PARITY_ATOL = 1e-4   # ONNX Runtime (reference node) vs PyTorch, fp32 graphs
 BF16_MIN_OPSET = 22  # ONNX Conv (and most ops) accept bfloat16 from opset 22
 
 Progress = Callable[[str], None]
@@ -93,17 +84,6 @@ Progress = Callable[[str], None]
 
 class PluginExportError(ESCError, ValueError):
     """A plugin-form export that cannot be made or that failed verification."""
-
-
-def plugin_attributes(window: int, heads: int, aot: bool = True) -> dict[str, Any]:
-    """The attributes a plugin node carries (see the module docstring)."""
-    return {"window": int(window), "heads": int(heads), NAMESPACE_ATTRIBUTE: PLUGIN_NAMESPACE,
-            AOT_ATTRIBUTE: int(bool(aot))}
-
-
-def is_plugin_node(node: "onnx.NodeProto", domains: tuple[str, ...] = (PLUGIN_DOMAIN,)) -> bool:
-    """Whether ``node`` is a window-attention plugin node (in one of ``domains``)."""
-    return node.op_type == PLUGIN_NAME and node.domain in domains
 
 
 # -- the translation: esc::window_attention (PyTorch) -> esc.window_attention (ONNX) ---------------
@@ -119,21 +99,10 @@ def _translation(aot: bool):
     if aot in _TRANSLATIONS:
         return _TRANSLATIONS[aot]
     import onnxscript
-    from onnx.defs import OpSchema
     from onnxscript import opset18
 
-    types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-    schema = OpSchema(
-        PLUGIN_NAME, PLUGIN_DOMAIN, PLUGIN_DOMAIN_VERSION,
-        doc="ESC window attention (reflect pad, windows, relative bias, softmax, merge, crop)",
-        inputs=[OpSchema.FormalParameter("qkv", "T"), OpSchema.FormalParameter("table", "T")],
-        outputs=[OpSchema.FormalParameter("out", "T")],
-        type_constraints=[("T", types, "float types")],
-        attributes=[OpSchema.Attribute("window", OpSchema.AttrType.INT, "window size"),
-                    OpSchema.Attribute("heads", OpSchema.AttrType.INT, "attention heads"),
-                    OpSchema.Attribute(NAMESPACE_ATTRIBUTE, OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
-                    OpSchema.Attribute(AOT_ATTRIBUTE, OpSchema.AttrType.INT, "1: TensorRT AOT implementation")])
-    plugin_op = onnxscript.values.Op(onnxscript.values.Opset(PLUGIN_DOMAIN, PLUGIN_DOMAIN_VERSION), PLUGIN_NAME, schema)
+    plugin_op = onnxscript.values.Op(onnxscript.values.Opset(PLUGIN_DOMAIN, PLUGIN_DOMAIN_VERSION), PLUGIN_NAME,
+                                     op_schema())
     aot_value = int(bool(aot))
 
     def emit(qkv, table, window: int, heads: int):
@@ -431,35 +400,13 @@ class PluginExportReport:
 
 
 def plugin_metadata(prepared: "ESCBase", opset: int, precision: str, shape: str, batch: str,
-                    weights_sha256: str | None, aot: bool) -> dict[str, str]:
-    """``esc.*`` metadata of a plugin-form file (the runners read the same keys as for ONNX)."""
-    from export.common import toolkit_version
-
-    desc = prepared.descriptor
-    first = prepared.attention_modules()[0]
-    return {
-        "esc.variant": desc.variant,
-        "esc.arch": prepared.config.arch,
-        "esc.scale": str(desc.scale),
-        "esc.window_size": str(desc.window_size),
-        "esc.input_multiple": str(desc.input_multiple),
-        "esc.attention": ATTENTION_LABEL,
-        "esc.opset": str(opset),
-        "esc.precision": precision,
-        "esc.io_dtype": "float32",
-        "esc.weights_sha256": weights_sha256 or "random",
-        "esc.toolkit_version": toolkit_version(),
-        "esc.shape": shape,
-        "esc.batch": batch,
-        "esc.params": str(desc.params),
-        "esc.exact_variant": str(desc.exact_variant).lower(),
-        "esc.plugin": PLUGIN_ID,
-        "esc.plugin_domain": PLUGIN_DOMAIN,
-        "esc.plugin_aot": "1" if aot else "0",
-        "esc.plugin_window": str(first.window),
-        "esc.plugin_heads": str(first.heads),
-        "esc.n_blocks": str(len(prepared.attention_modules())),
-    }
+                    weights_sha256: str | None, aot: bool) -> ArtifactMetadata:
+    """``esc.*`` metadata of a plugin-form file: the common schema plus the plugin's own keys."""
+    attn = prepared.attention_modules()
+    return ArtifactMetadata.from_model(
+        prepared, weights_sha256, attention=ATTENTION_LABEL, opset=opset, precision=precision, io_dtype="float32",
+        shape=shape, batch=batch, plugin=PLUGIN_ID, plugin_domain=PLUGIN_DOMAIN, plugin_aot="1" if aot else "0",
+        plugin_window=attn[0].window, plugin_heads=attn[0].heads, n_blocks=len(attn))
 
 
 def export_plugin_onnx(model: "ESCBase", path: str | Path, opset: int = 18, shape: Any = "dynamic",
@@ -472,9 +419,11 @@ def export_plugin_onnx(model: "ESCBase", path: str | Path, opset: int = 18, shap
     ``precision``: ``fp32`` (default), ``fp16`` or ``bf16`` graph (float32 I/O); bf16 needs
     ``opset >= 22``.
     ``aot``: the node's ``aot`` attribute (TensorRT AOT vs JIT plugin implementation).
-    ``check_parity``: run the file in ONNX Runtime (reference node, fp32 graphs only) on a
-    probe the trace never saw and compare with the PyTorch model (``report.parity``);
-    above :data:`PARITY_ATOL` it raises :class:`PluginExportError`.
+    ``check_parity``: before the file takes its name, load it through :func:`runtimes.load`
+    (ONNX Runtime with the reference node; fp32 graphs only), run it on a probe the trace
+    never saw and compare with the PyTorch model (``report.parity``: max abs error); beyond
+    :func:`validation.compare.threshold_for` it raises :class:`export.verify.ExportParityError`
+    and nothing is written.
     """
     import onnx
     from onnx import TensorProto
@@ -510,55 +459,36 @@ def export_plugin_onnx(model: "ESCBase", path: str | Path, opset: int = 18, shap
     info = verify_plugin_graph(proto, n_blocks=len(attn), window=attn[0].window, heads=attn[0].heads)
     seconds["translate"] = time.perf_counter() - start
 
-    metadata = plugin_metadata(prepared, opset, precision, ox.shape_label(shape),
-                               "dynamic" if batch == "dynamic" else str(batch), weights_sha256, aot)
+    meta = plugin_metadata(prepared, opset, precision, ox.shape_label(shape),
+                           "dynamic" if batch == "dynamic" else str(batch), weights_sha256, aot)
     proto.producer_name = "esc-deploy"
-    proto.producer_version = metadata["esc.toolkit_version"]
-    proto.doc_string = (f"ESC {metadata['esc.variant']} x{metadata['esc.scale']}, window attention as "
-                        f"{PLUGIN_ID} plugin nodes (TensorRT Python plugin / onnxruntime-extensions reference)")
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    proto.producer_version = meta.toolkit_version
+    proto.doc_string = (f"ESC {meta.variant} x{meta.scale}, window attention as {PLUGIN_ID} plugin nodes "
+                        f"(TensorRT Python plugin / onnxruntime-extensions reference)")
+    write_onnx_metadata(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
 
     parity = probe_shape = None
-    if check_parity and precision == "fp32":
-        start = time.perf_counter()
-        if progress:
-            progress("checking parity in ONNX Runtime (reference plugin node)")
-        from runtimes.plugin_ops import run_plugin_onnx
-
-        window = prepared.config.window_size
-        h, w = ox.probe_size(window) if shape == "dynamic" else shape
-        n = 1 if batch == "dynamic" else batch
-        probe = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(1234))
-        with torch.no_grad():
-            expected = prepared.float()(probe).numpy()
-        got = run_plugin_onnx(proto, probe.numpy())
-        parity, probe_shape = float(np.abs(got - expected).max()), tuple(probe.shape)
-        seconds["parity"] = time.perf_counter() - start
-        if not parity <= PARITY_ATOL:
-            raise PluginExportError(f"the plugin-form graph differs from PyTorch by {parity:.2e} "
-                                    f"(> {PARITY_ATOL:.0e}) on a {'x'.join(map(str, probe_shape))} probe")
-
-    start = time.perf_counter()
     with atomic_output(path) as tmp:
+        start = time.perf_counter()
         onnx.save_model(proto, str(tmp))
-    seconds["save"] = time.perf_counter() - start
+        seconds["save"] = time.perf_counter() - start
+        if check_parity and precision == "fp32":
+            start = time.perf_counter()
+            if progress:
+                progress("checking parity: the written file in ONNX Runtime (reference plugin node) vs PyTorch")
+            from export.verify import verify_artifact
+
+            h, w = ox.probe_size(prepared.config.window_size) if shape == "dynamic" else shape
+            n = 1 if batch == "dynamic" else batch
+            probe = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(1234))
+            result = verify_artifact(tmp, prepared, [probe], precision)[0]
+            parity, probe_shape = result.max_abs, tuple(probe.shape)
+            seconds["parity"] = time.perf_counter() - start
+    metadata = meta.to_props()
     return PluginExportReport(
-        path=path, size_bytes=path.stat().st_size, opset=opset, precision=precision,
-        shape=metadata["esc.shape"], batch=metadata["esc.batch"], variant=metadata["esc.variant"],
-        scale=prepared.scale, window=info.window, heads=info.heads, plugin_nodes=info.plugin_nodes,
-        nodes=len(proto.graph.node), aot=info.aot, weights_sha256=metadata["esc.weights_sha256"],
-        metadata=metadata, histogram=info.histogram, parity=parity, probe_shape=probe_shape, seconds=seconds)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """``metadata_props`` of an ONNX file (weights not loaded); empty if it cannot be read."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return {}
-    return {p.key: p.value for p in proto.metadata_props}
+        path=path, size_bytes=path.stat().st_size, opset=opset, precision=precision, shape=meta.shape or "",
+        batch=meta.batch or "", variant=meta.variant or "", scale=prepared.scale, window=info.window,
+        heads=info.heads, plugin_nodes=info.plugin_nodes, nodes=len(proto.graph.node), aot=info.aot,
+        weights_sha256=meta.weights_sha256 or "random", metadata=metadata, histogram=info.histogram, parity=parity,
+        probe_shape=probe_shape, seconds=seconds)

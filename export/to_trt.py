@@ -16,7 +16,9 @@ kernel in the engine; ``native`` writes opset 23 with ONNX's ``Attention`` op. (
 engine: strongly typed (the precision is the graph's), one optimisation profile over
 ``lr``, a timing cache next to it; its file name encodes precision, shape range,
 TensorRT version, GPU and ONNX hash, and an engine is reused only on an exact name
-match. (3) parity against PyTorch fp32 on a few pictures and a latency summary.
+match. (3) parity against PyTorch fp32 on a few pictures (the one threshold table,
+``validation.compare.THRESHOLDS``) and a latency summary. Steps 1-2 are
+``export.trt_build.build_trt_engine``, which benchmarks call too.
 
 Without TensorRT or a GPU the ONNX file is still written, what is missing is printed with
 how to install it, and the exit status is 2. ``--dry-run`` stops before the build (exit 0).
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import sys
 from pathlib import Path
 
@@ -82,14 +83,15 @@ def _ptx_row(args: argparse.Namespace, env: tb.Environment, step: tb.OnnxStep) -
     """Compile the plugin's AOT kernel (no GPU needed) as the dry run's last check."""
     if args.attention != "plugin" or args.jit:
         return ("AOT kernel", "not used")
-    from export import trt_plugin
+    from runtimes.plugin_ops import tensorrt_plugin
 
-    target = args.ptx_target or (f"cuda:{env.compute_capability}" if env.compute_capability else trt_plugin.DEFAULT_TARGET)
+    target = args.ptx_target or (f"cuda:{env.compute_capability}" if env.compute_capability
+                                 else tensorrt_plugin.DEFAULT_TARGET)
     meta = step.metadata
     try:
-        window, heads = int(meta.get("esc.plugin_window", 0)), int(meta.get("esc.plugin_heads", 0))
-        kernel = trt_plugin.compile_kernel(meta.get("esc.precision", "fp32"), window, heads, target=target,
-                                           ptx_version=args.ptx_version)
+        window, heads = int(meta.get("plugin_window", "0")), int(meta.get("plugin_heads", "0"))
+        kernel = tensorrt_plugin.compile_kernel(meta.precision or "fp32", window, heads, target=target,
+                                                ptx_version=args.ptx_version)
     except Exception as exc:  # report, do not fail the dry run: the build would say the same
         return ("AOT kernel", f"NOT compiled for {target}: {type(exc).__name__}: {exc}")
     return ("AOT kernel", f"{kernel.metadata.name} compiled to PTX for {target} ({len(kernel.asm['ptx'])} chars, "
@@ -107,77 +109,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {output} does not end in .engine; the engine is written as {output.name}.<tag>.engine",
               file=sys.stderr)
 
-    step = tb.export_for_trt(model, output, args.attention, args.precision, args.typing, sha, args.jit,
-                             args.reexport, _progress)
-    if not step.reused:
-        common.print_summary("ONNX for TensorRT", step.rows)
-    env = tb.probe_environment()
-    missing = env.missing(args.attention)
-    onnx_sha = tb.file_digest(step.path)
-    tag = tb.engine_tag(args.precision, args.typing, args.attention, profile, env.tensorrt_version, env.gpu_name,
-                        onnx_sha)
-    engine = tb.engine_path_for(output, tag)
-    cache = tb.timing_cache_path(output, env.tensorrt_version, env.gpu_name)
-    plan_rows = [
-        ("onnx", f"{step.path}" + (" (reused)" if step.reused else "")),
-        ("engine", f"{engine}" + (" (exists: would be reused)" if engine.is_file() and not args.rebuild else "")),
-        ("timing cache", str(cache)),
-        ("profile", f"lr {profile.describe()} (min .. opt .. max)"),
-        ("precision", f"{args.precision}, {args.typing} typing, attention {args.attention}"
-                      + (" (JIT plugin)" if args.jit else "")),
-        *env.rows(),
-    ]
-
-    if args.dry_run:
-        plan_rows.append(_ptx_row(args, env, step))
-        if missing:
-            plan_rows.append(("to build", "\n".join(f"missing: {m}" for m in missing)))
-        common.print_summary("TensorRT build plan (dry run: nothing built)", plan_rows)
-        return 0
-
-    if missing:
+    try:
+        result = tb.build_trt_engine(
+            model, output, precision=args.precision, attention=args.attention, profile=profile, typing=args.typing,
+            weights_sha256=sha, jit=args.jit, reexport=args.reexport, rebuild=args.rebuild, dry_run=args.dry_run,
+            workspace_gib=args.workspace, ptx_version=args.ptx_version, verbose=args.verbose, progress=_progress)
+    except tb.TrtEnvironmentError as exc:
+        if not exc.onnx.reused:
+            common.print_summary("ONNX for TensorRT", exc.onnx.rows)
         print(f"error: cannot build the TensorRT engine on this machine. The {args.attention}-form ONNX file is "
-              f"ready: {step.path}", file=sys.stderr)
-        for item in missing:
+              f"ready: {exc.onnx.path}", file=sys.stderr)
+        for item in exc.missing:
             print(f"  missing: {item}", file=sys.stderr)
         again = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
         print(f"  then run again on a machine with TensorRT and an NVIDIA GPU: python export/to_trt.py {again}",
               file=sys.stderr, flush=True)
         return EXIT_CANNOT_BUILD
+    step, engine = result.onnx, result.engine
+    if not step.reused:
+        common.print_summary("ONNX for TensorRT", step.rows)
 
-    # -- build (or reuse on an exact name match) ------------------------------------------------------
-    info = {
-        "metadata": step.metadata, "tensorrt_version": env.tensorrt_version, "gpu": env.gpu_name,
-        "compute_capability": env.compute_capability, "precision": args.precision, "typing": args.typing,
-        "attention": args.attention, "profile": {"min": list(profile.min), "opt": list(profile.opt),
-                                                 "max": list(profile.max)},
-        "onnx": str(step.path), "onnx_sha256": onnx_sha, "toolkit_version": common.toolkit_version(),
-        "plugin": (f"esc::window_attention ({'JIT' if args.jit else 'AOT'})" if args.attention == "plugin" else None),
-    }
-    reused = engine.is_file() and not args.rebuild
-    if reused:
-        _progress(f"reusing {engine} (exact name match: same precision, profile, TensorRT, GPU and ONNX)")
-        build_seconds = 0.0
-        if not tb.sidecar_exists(engine):
-            tb.write_sidecar(engine, info)
-    else:
-        build_seconds, _ = tb.build_engine(step.path, engine, profile, args.precision, args.typing, args.attention,
-                                           cache, args.workspace, args.jit, args.verbose, _progress,
-                                           ptx_version=args.ptx_version)
-        info["built_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        info["build_seconds"] = round(build_seconds, 1)
-        tb.write_sidecar(engine, info)
+    if args.dry_run:
+        plan_rows = result.plan_rows(args.precision, args.typing, args.attention, args.jit)
+        plan_rows.append(_ptx_row(args, result.environment, step))
+        missing = result.environment.missing(args.attention)
+        if missing:
+            plan_rows.append(("to build", "\n".join(f"missing: {m}" for m in missing)))
+        common.print_summary("TensorRT build plan (dry run: nothing built)", plan_rows)
+        return 0
 
     # -- parity and latency ---------------------------------------------------------------------------
     import torch
 
+    from export.verify import verify_artifact
     from runtimes.trt_runner import TensorRTRunner
+    from validation.compare import threshold_for
 
     _progress("checking parity against PyTorch fp32")
-    runner = TensorRTRunner(engine, device="cuda")
     reference = copy.deepcopy(model).deploy().to("cuda").float().eval()
     images = tb.load_images(args.images, profile) if args.images else tb.synthetic_images(profile)
-    ok, parity = tb.check_parity(runner, reference, images, args.precision)
+    parity = verify_artifact(engine, reference, images, args.precision, raise_on_failure=False, device="cuda")
+    ok = all(r.passed for r in parity)
+    runner = TensorRTRunner(engine, device="cuda")
     _progress("measuring latency")
     opt = profile.opt
     trt_latency = tb.benchmark(runner.infer, opt, iterations=args.iterations)
@@ -186,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     torch_latency = tb.benchmark(lambda x: torch_model(x), opt, iterations=args.iterations, dtype=torch_dtype)
     megapixels = opt[0] * opt[2] * opt[3] * runner.scale ** 2 / 1e6
     rows = [
-        ("engine", f"{engine}" + (" (reused)" if reused else f" (built in {build_seconds:.0f} s)")),
+        ("engine", f"{engine}" + (f" (built in {result.build_seconds:.0f} s)" if result.built else " (reused)")),
         ("onnx", str(step.path)),
         ("profile", f"lr {profile.describe()}"),
         ("build", f"{args.precision}, {args.typing} typing, {args.attention} attention, TensorRT "
-                  f"{env.tensorrt_version}, {env.gpu_name}"),
-        *[(f"parity {r['shape']}", f"PSNR {r['psnr']:.1f} dB, max abs {r['max_abs']:.2e} vs PyTorch fp32"
-           + ("" if r["ok"] else f"  FAILED (< {tb.PARITY_MIN_PSNR[args.precision]:.0f} dB)")) for r in parity],
+                  f"{result.environment.tensorrt_version}, {result.environment.gpu_name}"),
+        *[(f"parity {r.name}", f"PSNR {r.psnr:.1f} dB, max abs {r.max_abs:.2e} vs PyTorch fp32"
+           + ("" if r.passed else f"  FAILED (needs {threshold_for(args.precision).describe()})")) for r in parity],
         ("latency", f"TensorRT {trt_latency['median_ms']:.2f} ms median (p90 {trt_latency['p90_ms']:.2f}) at "
                     f"{'x'.join(map(str, opt))}, {megapixels / (trt_latency['median_ms'] / 1e3):.1f} output MP/s; "
                     f"PyTorch {args.precision} eager {torch_latency['median_ms']:.2f} ms"),
@@ -201,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     common.print_summary("TensorRT engine", rows)
     runner.close()
     if not ok:
-        print("error: the engine does not match PyTorch within the parity floor (see above)", file=sys.stderr)
+        print(f"error: the engine does not match PyTorch at {args.precision} "
+              f"({threshold_for(args.precision).describe()}; see above)", file=sys.stderr)
         return EXIT_PARITY_FAILED
     return 0
 

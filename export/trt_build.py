@@ -20,10 +20,14 @@ Pipeline (each step a function below):
    The engine's *file name* encodes precision, typing, attention, shape range, TensorRT
    version, GPU name and the ONNX file's hash (:func:`engine_tag`): an engine is reused
    only on an exact name match, so a stale one (other TensorRT, GPU, weights or profile)
-   is never loaded. A JSON sidecar ``<engine>.json`` records the ``esc.*`` metadata for
+   is never loaded. The sidecar ``<engine>.json`` (:func:`runtimes.metadata.write_sidecar`)
+   records the ``esc.*`` metadata and the build facts for
    :class:`runtimes.trt_runner.TensorRTRunner`.
-4. **parity** (:func:`check_parity`) against PyTorch fp32 on a few images, and a latency
-   summary (:func:`benchmark`).
+
+:func:`build_trt_engine` runs steps 1-3 for a model: the one entry point of
+``export/to_trt.py`` and of the benchmarks. Parity is checked by the caller with
+:func:`export.verify.verify_artifact` (the one threshold table); :func:`synthetic_images` and
+:func:`load_images` give it pictures inside the profile, :func:`benchmark` a latency summary.
 
 Running an engine without Python: AOT engines embed the kernel, so ``trtexec
 --loadEngine=<engine> --shapes=lr:1x3x256x256`` runs them as is (no ``--dynamicPlugins``:
@@ -33,8 +37,7 @@ ONNX file therefore needs Python, i.e. this module).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
+import datetime
 import re
 import time
 from pathlib import Path
@@ -43,8 +46,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from models.errors import ESCError
+from runtimes.metadata import ArtifactMetadata, read_onnx_metadata, sidecar_path, write_sidecar
+from runtimes.plugin_ops.contract import ATTENTION_LABEL, PLUGIN_ID
 
-from .common import atomic_output, sha256_file, toolkit_version
+from .common import atomic_output, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from models import ESCBase
@@ -56,8 +61,6 @@ INPUT_NAME = "lr"
 NATIVE_OPSET = 23
 PLUGIN_OPSET = 18
 DEFAULT_PROFILE = ((1, 3, 16, 16), (1, 3, 256, 256), (4, 3, 512, 512))
-# Parity against PyTorch fp32 (PSNR of the engine's output vs PyTorch's, both clamped to [0, 1]).
-PARITY_MIN_PSNR = {"fp32": 60.0, "fp16": 40.0, "bf16": 34.0}
 DEFAULT_ARTIFACT_DIR = Path("artifacts")
 
 Progress = Callable[[str], None]
@@ -65,6 +68,19 @@ Progress = Callable[[str], None]
 
 class TrtBuildError(ESCError, ValueError):
     """A TensorRT build request that cannot be satisfied (bad option, failed parse or build)."""
+
+
+class TrtEnvironmentError(TrtBuildError):
+    """This machine lacks what a build needs; the ONNX file is written and kept.
+
+    ``onnx`` is the step that wrote (or reused) the file the engine would be built from;
+    ``missing`` holds one sentence per missing requirement, each with its fix.
+    """
+
+    def __init__(self, onnx: "OnnxStep", missing: list[str]) -> None:
+        self.onnx, self.missing = onnx, list(missing)
+        super().__init__(f"cannot build a TensorRT engine on this machine (the ONNX file is ready: {onnx.path}): "
+                         + " ".join(self.missing))
 
 
 # -- shapes -------------------------------------------------------------------------------------------
@@ -146,7 +162,7 @@ class Environment:
 
     def missing(self, attention: str = "plugin") -> list[str]:
         """One sentence per missing requirement, each with its fix (empty: ready to build)."""
-        from .trt_plugin import MIN_TRT_VERSION, tensorrt_install_hint, tensorrt_version_tuple
+        from runtimes.plugin_ops.tensorrt_plugin import MIN_TRT_VERSION, tensorrt_install_hint, tensorrt_version_tuple
 
         out = []
         if self.tensorrt_version is None:
@@ -260,45 +276,45 @@ def graph_opset(attention: str, precision: str) -> int:
     return BF16_MIN_OPSET if precision == "bf16" else PLUGIN_OPSET
 
 
+#: The ``esc.*`` keys an ONNX file must share with the request to be reused.
+REUSE_KEYS = ("weights_sha256", "precision", "opset", "shape", "batch", "toolkit_version", "variant", "scale",
+              "io_dtype", "attention", "plugin_aot")
+
+
 def expected_metadata(attention: str, precision: str, opset: int, weights_sha256: str | None, jit: bool,
                       model: "ESCBase") -> dict[str, str]:
-    """The ``esc.*`` entries a reusable ONNX file must have."""
-    from .plugin_onnx import ATTENTION_LABEL
-
-    d = model.descriptor
-    meta = {"esc.weights_sha256": weights_sha256 or "random", "esc.precision": precision, "esc.opset": str(opset),
-            "esc.shape": "dynamic", "esc.batch": "dynamic", "esc.toolkit_version": toolkit_version(),
-            "esc.variant": d.variant, "esc.scale": str(d.scale), "esc.io_dtype": "float32",
-            "esc.attention": ATTENTION_LABEL if attention == "plugin" else "sdpa"}
-    if attention == "plugin":
-        meta["esc.plugin_aot"] = "0" if jit else "1"
-    return meta
+    """The ``esc.*`` entries (:data:`REUSE_KEYS`) a reusable ONNX file must have."""
+    extra = {"plugin_aot": "0" if jit else "1"} if attention == "plugin" else {}
+    meta = ArtifactMetadata.from_model(
+        model, weights_sha256, precision=precision, opset=opset, shape="dynamic", batch="dynamic", io_dtype="float32",
+        attention=ATTENTION_LABEL if attention == "plugin" else "sdpa", **extra)
+    return {f"esc.{key}": value for key in REUSE_KEYS if (value := meta.get(key)) is not None}
 
 
 def onnx_is_current(path: Path, expected: dict[str, str]) -> bool:
     """Whether ``path`` exists, passes ``onnx.checker`` and has every ``expected`` metadata entry."""
     if not path.is_file():
         return False
-    from .plugin_onnx import read_metadata
-
-    meta = read_metadata(path)
-    if any(meta.get(k) != v for k, v in expected.items()):
-        return False
     try:
         import onnx
 
+        meta = read_onnx_metadata(path).to_props()
+        if any(meta.get(k) != v for k, v in expected.items()):
+            return False
         onnx.checker.check_model(str(path))
-    except Exception:
+    except Exception:   # unreadable or invalid: export it again
         return False
     return True
 
 
 @dataclasses.dataclass
 class OnnxStep:
+    """The ONNX file an engine is built from: where, whether reused, its summary and metadata."""
+
     path: Path
     reused: bool
     rows: list[tuple[str, str]]
-    metadata: dict[str, str]
+    metadata: ArtifactMetadata
     seconds: float
 
 
@@ -306,7 +322,7 @@ def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", pr
                    typing: str = "strong", weights_sha256: str | None = None, jit: bool = False,
                    reexport: bool = False, progress: Progress | None = None) -> OnnxStep:
     """Write (or reuse) the ONNX file the engine ``output`` is built from."""
-    from .plugin_onnx import export_plugin_onnx, read_metadata
+    from .plugin_onnx import export_plugin_onnx
 
     if attention not in ATTENTION_MODES:
         raise TrtBuildError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
@@ -323,12 +339,12 @@ def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", pr
     if not reexport and onnx_is_current(path, expected):
         if progress:
             progress(f"reusing {path} (same weights, precision, opset and toolkit version)")
-        return OnnxStep(path, True, [("onnx", f"{path} (reused)")], read_metadata(path), time.perf_counter() - start)
+        return OnnxStep(path, True, [("onnx", f"{path} (reused)")], read_onnx_metadata(path),
+                        time.perf_counter() - start)
     if attention == "plugin":
         report = export_plugin_onnx(model, path, opset=opset, shape="dynamic", weights_sha256=weights_sha256,
                                     batch="dynamic", precision=gp, aot=not jit, check_parity=gp == "fp32",
                                     progress=progress)
-        rows, meta = report.summary_rows(), report.metadata
     else:
         from . import onnx_export as ox
 
@@ -339,8 +355,8 @@ def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", pr
             native = copy.deepcopy(model).set_attention("sdpa")
         report = ox.export_onnx(native, path, opset=opset, precision=gp, fp32_io=True, shape="dynamic",
                                 batch="dynamic", weights_sha256=weights_sha256, progress=progress)
-        rows, meta = report.summary_rows(), report.metadata
-    return OnnxStep(path, False, rows, meta, time.perf_counter() - start)
+    # The metadata as written (the one schema), whichever exporter wrote it.
+    return OnnxStep(path, False, report.summary_rows(), read_onnx_metadata(path), time.perf_counter() - start)
 
 
 # -- 3. engine ----------------------------------------------------------------------------------------
@@ -355,12 +371,13 @@ def _parser_errors(parser: Any) -> list[str]:
     return errors
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, precision: str = "fp16",
-                 typing: str = "strong", attention: str = "plugin", timing_cache: Path | None = None,
-                 workspace_gib: float | None = None, jit: bool = False, verbose: bool = False,
-                 progress: Progress | None = None, ptx_version: int | None = None) -> tuple[float, dict[str, Any] | None]:
+def _build_serialized_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, precision: str = "fp16",
+                             typing: str = "strong", attention: str = "plugin", timing_cache: Path | None = None,
+                             workspace_gib: float | None = None, jit: bool = False, verbose: bool = False,
+                             progress: Progress | None = None,
+                             ptx_version: int | None = None) -> tuple[float, dict[str, Any] | None]:
     """Parse ``onnx_path`` and build a serialized engine at ``engine_path``; (seconds, plugin info)."""
-    from .trt_plugin import import_tensorrt, register_plugin
+    from runtimes.plugin_ops.tensorrt_plugin import import_tensorrt, register_plugin
 
     trt, _ = import_tensorrt()
     start = time.perf_counter()
@@ -399,6 +416,10 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, prec
             raise TrtBuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weak typing was removed in "
                                 f"TensorRT 11): use --typing strong")
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TensorRT runs fp32 convolutions in TF32 by default (10 mantissa bits); an fp32 engine
+        # promises the fp32 parity threshold, so it computes in fp32.
+        config.clear_flag(trt.BuilderFlag.TF32)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(INPUT_NAME, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(opt_profile)
@@ -425,23 +446,88 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, prec
     return time.perf_counter() - start, plugin
 
 
-def write_sidecar(engine_path: Path, info: dict[str, Any]) -> Path:
-    """``<engine>.json``: what the runner needs to know about the engine."""
-    from runtimes.trt_runner import sidecar_path
+# -- 1-3 for a model: the one entry point ---------------------------------------------------------
+@dataclasses.dataclass
+class EngineBuild:
+    """What :func:`build_trt_engine` produced (or, for a dry run, would build)."""
 
-    path = sidecar_path(engine_path)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return path
+    engine: Path
+    onnx: OnnxStep
+    environment: Environment
+    profile: ShapeProfile
+    timing_cache: Path
+    onnx_sha256: str
+    built: bool                  # a new engine was built in this call
+    reused: bool                 # an engine with the same name was already there
+    build_seconds: float = 0.0
+
+    def plan_rows(self, precision: str, typing: str, attention: str, jit: bool) -> list[tuple[str, str]]:
+        """The summary rows of what is (to be) built, for the CLI's boxes."""
+        return [
+            ("onnx", f"{self.onnx.path}" + (" (reused)" if self.onnx.reused else "")),
+            ("engine", f"{self.engine}" + (" (exists: would be reused)" if self.reused and not self.built else "")),
+            ("timing cache", str(self.timing_cache)),
+            ("profile", f"lr {self.profile.describe()} (min .. opt .. max)"),
+            ("precision", f"{precision}, {typing} typing, attention {attention}" + (" (JIT plugin)" if jit else "")),
+            *self.environment.rows(),
+        ]
 
 
-def sidecar_exists(engine_path: Path) -> bool:
-    from runtimes.trt_runner import sidecar_path
+def build_trt_engine(model: "ESCBase", output: Path | str | None = None, *, precision: str = "fp16",
+                     attention: str = "plugin", profile: ShapeProfile | None = None, typing: str = "strong",
+                     weights_sha256: str | None = None, jit: bool = False, reexport: bool = False,
+                     rebuild: bool = False, dry_run: bool = False, workspace_gib: float | None = None,
+                     ptx_version: int | None = None, verbose: bool = False,
+                     progress: Progress | None = None) -> EngineBuild:
+    """Build (or reuse) the TensorRT engine of ``model``; the one builder of the toolkit.
 
-    return sidecar_path(engine_path).is_file()
+    ``output`` is the engine path stem (default ``artifacts/<variant>_x<scale>_<attention>_
+    <precision>.engine``); the engine is written as ``<stem>.<tag>.engine`` with the
+    ONNX file it is built from beside it, and ``<engine>.json`` as its sidecar. An engine
+    whose name matches exactly is reused unless ``rebuild``. ``dry_run`` stops before the
+    build. Raises :class:`TrtEnvironmentError` (the ONNX file is kept) when TensorRT, a
+    GPU or Triton is missing, :class:`TrtBuildError` for bad options or a failed build.
+    Parity is the caller's: :func:`export.verify.verify_artifact` on ``result.engine``.
+    """
+    profile = profile or ShapeProfile.parse()
+    output = Path(output) if output is not None else default_output(model, precision, attention)
+    step = export_for_trt(model, output, attention, precision, typing, weights_sha256, jit, reexport, progress)
+    env = probe_environment()
+    onnx_sha = file_digest(step.path)
+    tag = engine_tag(precision, typing, attention, profile, env.tensorrt_version, env.gpu_name, onnx_sha)
+    engine = engine_path_for(output, tag)
+    result = EngineBuild(engine=engine, onnx=step, environment=env, profile=profile,
+                         timing_cache=timing_cache_path(output, env.tensorrt_version, env.gpu_name),
+                         onnx_sha256=onnx_sha, built=False, reused=engine.is_file() and not rebuild)
+    if dry_run:
+        return result
+    missing = env.missing(attention)
+    if missing:
+        raise TrtEnvironmentError(step, missing)
+    build = {
+        "tensorrt_version": env.tensorrt_version, "gpu": env.gpu_name, "compute_capability": env.compute_capability,
+        "precision": precision, "typing": typing, "attention": attention,
+        "profile": {"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
+        "onnx": str(step.path), "onnx_sha256": onnx_sha,
+        "plugin": f"{PLUGIN_ID} ({'JIT' if jit else 'AOT'})" if attention == "plugin" else None,
+    }
+    if result.reused:
+        if progress:
+            progress(f"reusing {engine} (exact name match: same precision, profile, TensorRT, GPU and ONNX)")
+        if not sidecar_path(engine).is_file():
+            write_sidecar(engine, step.metadata, build)
+        return result
+    result.build_seconds, _ = _build_serialized_engine(
+        step.path, engine, profile, precision, typing, attention, result.timing_cache, workspace_gib, jit, verbose,
+        progress, ptx_version=ptx_version)
+    build["built_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    build["build_seconds"] = round(result.build_seconds, 1)
+    write_sidecar(engine, step.metadata, build)
+    result.built = True
+    return result
 
 
-# -- 4. parity and latency ----------------------------------------------------------------------------
+# -- 4. pictures for the parity check, and latency ----------------------------------------------------------------------------
 def synthetic_images(profile: ShapeProfile, count: int = 3, seed: int = 0) -> list[torch.Tensor]:
     """Deterministic test pictures (smooth gradients, edges, texture) at sizes inside the profile.
 
@@ -472,30 +558,6 @@ def load_images(directory: Path, profile: ShapeProfile, limit: int = 5) -> list[
         raise TrtBuildError(f"no images in {directory}")
     hi = profile.max
     return [to_tensor(read_image(p).rgb)[:, :, : hi[2], : hi[3]] for p in files[:limit]]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-@torch.no_grad()
-def check_parity(runner: Any, reference: "ESCBase", images: list[torch.Tensor], precision: str,
-                 device: str = "cuda") -> tuple[bool, list[dict[str, Any]]]:
-    """Engine vs PyTorch fp32 (sdpa) on each image: max abs difference and PSNR."""
-    reference = reference.to(device).float().eval()
-    rows, ok = [], True
-    floor = PARITY_MIN_PSNR[precision]
-    for img in images:
-        x = img.to(device)
-        got = runner.infer(x)
-        want = reference(x)
-        value = psnr(got, want)
-        row = {"shape": "x".join(map(str, x.shape)), "max_abs": float((got - want).abs().max()), "psnr": value,
-               "ok": value >= floor}
-        ok &= row["ok"]
-        rows.append(row)
-    return ok, rows
 
 
 @torch.no_grad()

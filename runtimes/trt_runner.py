@@ -3,21 +3,22 @@
 * TensorRT is imported when a runner is made, never at module import; without it (or
   without a CUDA GPU) a :class:`~runtimes.base.RunnerError` says what to install.
 * The ``esc::window_attention`` plugin is registered before deserialising
-  (:func:`export.trt_plugin.register_plugin`). Engines built with the AOT implementation
-  carry the kernel and would load without it; JIT engines need it.
+  (:func:`runtimes.plugin_ops.tensorrt_plugin.register_plugin`). Engines built with the AOT
+  implementation carry the kernel and load without it; JIT engines need it, so when
+  deserialising fails the registration error is named (and chained) with the failure.
 * I/O goes through torch CUDA tensors (no copies through the host): the input shape is set
   per call (``set_input_shape``) within the engine's optimisation profile; batches above
   the profile's max batch are split, below its min batch padded by repetition; images
   smaller than the profile's min sides are padded (edge replication) and cropped.
-* :meth:`TensorRTRunner.upscale` tiles (through the base class) when an image exceeds the
-  profile's max height or width and no tile was asked for.
-* Metadata (scale, variant, precision, attention form) comes from the JSON sidecar
-  ``<engine>.json`` that ``export/to_trt.py`` writes; without it pass ``scale=`` or the
-  runner measures the scale with one call at the profile's min shape.
+* :meth:`TensorRTRunner.default_tile`: ``upscale`` tiles at the profile's max side when an
+  image exceeds the profile's max height or width and no tile was asked for.
+* Metadata (scale, variant, precision, attention form) comes from the sidecar
+  ``<engine>.json`` (:func:`runtimes.metadata.read_sidecar`) that ``export/to_trt.py``
+  writes; without it pass ``scale=`` or the runner measures the scale with one call at the
+  profile's min shape.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,26 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from .base import Runner, RunnerError
+from .metadata import ArtifactMetadata, MetadataError, read_sidecar, resolve_scale
+from .plugin_ops.contract import PLUGIN_ID
 
-__all__ = ["TensorRTRunner", "read_sidecar", "sidecar_path"]
+__all__ = ["TensorRTRunner"]
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                  "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
-
-
-def sidecar_path(engine: str | os.PathLike[str]) -> Path:
-    """``x.engine`` -> ``x.engine.json``."""
-    p = Path(engine)
-    return p.with_name(p.name + ".json")
-
-
-def read_sidecar(engine: str | os.PathLike[str]) -> dict[str, Any]:
-    """The sidecar's content, or ``{}`` when there is none (or it is unreadable)."""
-    path = sidecar_path(engine)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _torch_dtype(trt_dtype: Any) -> torch.dtype:
@@ -71,7 +59,7 @@ class TensorRTRunner(Runner):
         self.artifact = os.fspath(artifact)
         if not Path(self.artifact).is_file():
             raise RunnerError(f"no such TensorRT engine: {self.artifact}")
-        from export.trt_plugin import TensorRTUnavailableError, import_tensorrt, register_plugin
+        from .plugin_ops.tensorrt_plugin import TensorRTUnavailableError, import_tensorrt, register_plugin
 
         try:
             trt, _ = import_tensorrt()
@@ -88,30 +76,36 @@ class TensorRTRunner(Runner):
             self._device = torch.device("cuda", torch.cuda.current_device())
         self.device = str(self._device)
         self.trt = trt
-        self.sidecar = read_sidecar(self.artifact)
-        meta = dict(self.sidecar.get("metadata", {}))
+        try:
+            self.metadata, self.build = read_sidecar(self.artifact)
+        except MetadataError as exc:
+            raise RunnerError(str(exc)) from exc
 
         with torch.cuda.device(self._device):
+            plugin_error: Exception | None = None
             try:
                 self.plugin = register_plugin()
-            except Exception as exc:  # the AOT engines still load without the Python plugin
+            except Exception as exc:  # AOT engines still load without the Python plugin; JIT ones do not
+                plugin_error = exc
                 self.plugin = {"registered": False, "error": f"{type(exc).__name__}: {exc}"}
             self._logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
             engine = self._runtime.deserialize_cuda_engine(Path(self.artifact).read_bytes())
             if engine is None:
-                built = self.sidecar.get("tensorrt_version"), self.sidecar.get("gpu")
+                built = self.build.get("tensorrt_version"), self.build.get("gpu")
                 raise RunnerError(
                     f"TensorRT {trt.__version__} could not deserialize {self.artifact}"
                     + (f" (built with TensorRT {built[0]} on {built[1]})" if built[0] else "")
                     + ": engines only load with the TensorRT version and GPU model they were built for; rebuild it "
-                      "with export/to_trt.py on this machine")
+                      "with export/to_trt.py on this machine"
+                    + (f". The {PLUGIN_ID} plugin could not be registered either (JIT engines need it): "
+                       f"{self.plugin['error']}" if plugin_error is not None else "")) from plugin_error
             self.engine = engine
             self.context = engine.create_execution_context()
         if self.context is None:
             raise RunnerError(f"TensorRT could not create an execution context for {self.artifact} (out of memory?)")
         self._read_io()
-        self._read_metadata(meta, scale)
+        self._read_metadata(scale)
 
     # -- construction helpers ------------------------------------------------------------------
     def _read_io(self) -> None:
@@ -131,19 +125,19 @@ class TensorRTRunner(Runner):
         lo, _, hi = self.profile
         self.fixed_shape = (lo[2], lo[3]) if (lo[2], lo[3]) == (hi[2], hi[3]) else None
 
-    def _read_metadata(self, meta: dict[str, Any], scale: int | None) -> None:
-        found = meta.get("esc.scale")
-        found = int(found) if found not in (None, "") else None
-        if found is not None and scale is not None and found != scale:
-            raise RunnerError(f"{self.artifact} upscales x{found} (sidecar metadata), but scale={scale} was given")
-        if found is None and scale is None:
-            found = self._measure_scale()
-        self.scale = int(found if found is not None else scale)
-        self.input_multiple = int(meta.get("esc.input_multiple") or 1)
-        self.precision = str(self.sidecar.get("precision") or meta.get("esc.precision")
+    def _read_metadata(self, scale: int | None) -> None:
+        meta: ArtifactMetadata = self.metadata
+        if meta.scale is None and scale is None:   # no sidecar: measure, as the engine computes it
+            scale = self._measure_scale()
+        try:
+            self.scale = resolve_scale(meta, scale, f"{self.artifact} (sidecar {Path(self.artifact).name}.json)")
+        except MetadataError as exc:
+            raise RunnerError(str(exc)) from exc
+        self.input_multiple = int(meta.input_multiple or 1)
+        self.precision = str(self.build.get("precision") or meta.precision
                              or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.input_dtype, "fp32"))
-        self.variant = meta.get("esc.variant") or None
-        self.attention = meta.get("esc.attention") or None
+        self.variant = meta.variant
+        self.attention = meta.attention
 
     def _measure_scale(self) -> int:
         lo = self.profile[0]
@@ -173,17 +167,16 @@ class TensorRTRunner(Runner):
             raise RunnerError(f"TensorRT failed to run {self.artifact} on input {tuple(x.shape)} (see its log)")
         return out
 
-    @torch.no_grad()
+    def check_size(self, height: int, width: int) -> None:
+        """The base rule (a fixed profile takes its one size), plus the profile's max sides."""
+        super().check_size(height, width)
+        hi = self.profile[2]
+        if height > hi[2] or width > hi[3]:
+            raise RunnerError(f"{height}x{width} exceeds the engine's max {hi[2]}x{hi[3]}: use upscale(), which tiles")
+
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}")
         (lo, _, hi) = self.profile
         b, _, h, w = batch.shape
-        if h > hi[2] or w > hi[3]:
-            raise ValueError(f"{h}x{w} exceeds the engine's max {hi[2]}x{hi[3]}: use upscale(), which tiles")
-        if self.fixed_shape is not None and (h, w) != self.fixed_shape:
-            raise ValueError(f"{self.artifact} takes {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs, got {h}x{w} "
-                             f"(use upscale(), which tiles at the fixed shape)")
         with torch.cuda.device(self._device):
             x = batch.detach().to(device=self._device, dtype=torch.float32)
             ph, pw = max(lo[2] - h, 0), max(lo[3] - w, 0)
@@ -199,33 +192,15 @@ class TensorRTRunner(Runner):
                 outs.append(self._run(chunk)[:real])
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
             out = out[:, :, : h * self.scale, : w * self.scale]
-        expected = (b, 3, h * self.scale, w * self.scale)
-        if tuple(out.shape) != expected:
-            raise RunnerError(f"{self.artifact} returned {tuple(out.shape)} for input {tuple(batch.shape)}; "
-                              f"expected {expected} (is scale x{self.scale} right?)")
         return out.to(device=batch.device, dtype=torch.float32)
 
     # -- tiling beyond the profile -------------------------------------------------------------------
-    def _auto_tile(self, size: tuple[int, int], tile: int | None, fixed_shape: tuple[int, int] | None) -> int | None:
+    def default_tile(self, size: tuple[int, int]) -> int | None:
+        """The profile's smaller max side when ``size`` exceeds the profile, else one call."""
         hi = self.profile[2]
-        if tile is None and fixed_shape is None and self.fixed_shape is None and (size[0] > hi[2] or size[1] > hi[3]):
+        if self.fixed_shape is None and (size[0] > hi[2] or size[1] > hi[3]):
             return min(hi[2], hi[3])
-        return tile
-
-    @torch.no_grad()
-    def upscale(self, image: torch.Tensor, tile: int | None = None, overlap: int = 16, batch_size: int = 4,
-                progress: bool = False, fixed_shape: tuple[int, int] | None = None) -> torch.Tensor:
-        """As :meth:`Runner.upscale`; tiles at the profile's max side when the image is larger."""
-        tile = self._auto_tile(tuple(image.shape[-2:]), tile, fixed_shape)
-        return super().upscale(image, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress,
-                               fixed_shape=fixed_shape)
-
-    @torch.no_grad()
-    def upscale_alpha(self, alpha: torch.Tensor, tile: int | None = None, overlap: int = 16, batch_size: int = 4,
-                      progress: bool = False, fixed_shape: tuple[int, int] | None = None) -> torch.Tensor:
-        tile = self._auto_tile(tuple(alpha.shape[-2:]), tile, fixed_shape)
-        return super().upscale_alpha(alpha, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress,
-                                     fixed_shape=fixed_shape)
+        return None
 
     # -- reporting ------------------------------------------------------------------------------------
     def runtime_details(self) -> dict[str, Any]:
@@ -235,9 +210,9 @@ class TensorRTRunner(Runner):
             "device_name": torch.cuda.get_device_name(self._device),
             "profile": {"min": list(lo), "opt": list(opt), "max": list(hi)},
             "io_dtype": str(self.input_dtype).replace("torch.", ""),
-            "plugin": self.sidecar.get("plugin") or ("registered" if self.plugin.get("registered") else None),
-            "built_with": {"tensorrt": self.sidecar.get("tensorrt_version"), "gpu": self.sidecar.get("gpu")},
-            "weights_sha256": self.sidecar.get("metadata", {}).get("esc.weights_sha256"),
+            "plugin": self.build.get("plugin") or ("registered" if self.plugin.get("registered") else None),
+            "built_with": {"tensorrt": self.build.get("tensorrt_version"), "gpu": self.build.get("gpu")},
+            "weights_sha256": self.metadata.weights_sha256,
         }
 
     def close(self) -> None:

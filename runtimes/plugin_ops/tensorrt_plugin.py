@@ -18,7 +18,7 @@ TensorRT >= 10.9 ``tensorrt.plugin`` ("quickly deployable plugins"). :func:`regi
 
 The ONNX parser binds a plugin node to this plugin when its ``op_type`` is the plugin name
 (``window_attention``) and its ``plugin_namespace`` attribute the namespace (``esc``); the
-node's ``aot`` attribute selects the AOT implementation (see :mod:`export.plugin_onnx`).
+node's ``aot`` attribute selects the AOT implementation (see :mod:`runtimes.plugin_ops.contract`).
 
 AOT calling convention. TensorRT launches the PTX entry with the input pointers, then the
 ``SymIntExprs`` scalars (int32), then the output pointers. The shared kernel
@@ -46,9 +46,10 @@ import re
 import threading
 from typing import Any, Optional, Tuple, Union
 
-from export.plugin_onnx import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE
+from models.kernels.reference import HEAD_DIM
 
-HEAD_DIM = 16
+from .contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE
+
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4

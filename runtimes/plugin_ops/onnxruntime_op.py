@@ -1,27 +1,26 @@
 """ONNX Runtime reference implementation of the ``esc::window_attention`` plugin node.
 
-The plugin-form ONNX (:mod:`export.plugin_onnx`) is built for TensorRT, whose Python
-plugin runs the fused Triton kernel. On the CPU the same node runs here, through an
-onnxruntime-extensions Python custom operator that calls
-:func:`models.kernels.reference.window_attention_reference` (the semantics every
-implementation is tested against). It is a *reference*: correct, not fast (the output
-goes back to ONNX Runtime as a Python list). fp32 graphs only.
+The plugin-form ONNX is built for TensorRT, whose Python plugin runs the fused Triton
+kernel. On the CPU the same node runs here, through an onnxruntime-extensions Python
+custom operator that calls :func:`models.kernels.reference.window_attention_reference`
+(the semantics every implementation is tested against). It is a *reference*: correct,
+not fast (the output goes back to ONNX Runtime as a Python list). fp32 graphs only.
 
 Domains. onnxruntime-extensions puts a Python operator into ``ai.onnx.contrib`` unless
 its ``op_type`` is written ``"domain::name"``. The operator is registered twice, as
 ``ai.onnx.contrib::window_attention`` and ``esc::window_attention``:
 
 * :func:`prepare_for_onnxruntime` remaps the plugin nodes' domain ``esc`` ->
-  ``ai.onnx.contrib`` (the documented home of Python custom operators), for a model
-  handed to ONNX Runtime in memory;
-* the ``esc`` registration lets ONNX Runtime load the unmodified *file* by path, which is
-  how :class:`runtimes.onnx_runner.OnnxRunner` builds its session: its session-options
-  hook (:func:`session_options_hook`) only has to register the custom-op library.
+  ``ai.onnx.contrib`` (the documented home of Python custom operators);
+* the ``esc`` registration lets ONNX Runtime load the unmodified file, which is how every
+  session is made: :func:`runtimes.onnx_runner.make_session` runs the session-options
+  hooks, and :func:`session_options_hook` (registered there) adds the custom-op library
+  to graphs that hold a plugin node. No session is created here.
 
 ONNX Runtime's TensorRT execution provider is not a route for this node: it binds TensorRT
 plugins from C++ plugin libraries (``trt_extra_plugin_lib_paths``), while this plugin is a
-TensorRT *Python* plugin (not tried here: no TensorRT on these machines). Build engines with
-``export/to_trt.py``; in ONNX Runtime, use the CPU provider with this reference.
+TensorRT *Python* plugin. Build engines with ``export/to_trt.py``; in ONNX Runtime, use the
+CPU provider with this reference.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export.plugin_onnx import IR_VERSION, PLUGIN_DOMAIN, PLUGIN_NAME, is_plugin_node
+from .contract import IR_VERSION, PLUGIN_DOMAIN, PLUGIN_NAME, has_plugin_nodes, is_plugin_node
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -39,8 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ORT_DOMAIN",
-    "has_plugin_nodes",
-    "make_session",
+    "ORT_DOMAINS",
     "prepare_for_onnxruntime",
     "register_ort_ops",
     "run_plugin_onnx",
@@ -50,7 +48,8 @@ __all__ = [
 
 ORT_DOMAIN = "ai.onnx.contrib"
 ORT_DOMAIN_VERSION = 1
-_DOMAINS = (PLUGIN_DOMAIN, ORT_DOMAIN)
+#: The domains a plugin node may have in a graph handed to ONNX Runtime.
+ORT_DOMAINS = (PLUGIN_DOMAIN, ORT_DOMAIN)
 _LOCK = threading.Lock()
 _REGISTERED = False
 
@@ -91,12 +90,6 @@ def register_ort_ops() -> None:
         _REGISTERED = True
 
 
-def has_plugin_nodes(model: "onnx.ModelProto") -> bool:
-    """Whether the graph (or one of its functions) holds a window-attention plugin node."""
-    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    return any(is_plugin_node(n, _DOMAINS) for n in nodes)
-
-
 def prepare_for_onnxruntime(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """A copy of ``model`` whose plugin nodes live in ``ai.onnx.contrib`` (IR version <= 10).
 
@@ -114,7 +107,7 @@ def prepare_for_onnxruntime(model: "onnx.ModelProto") -> "onnx.ModelProto":
         n.domain == PLUGIN_DOMAIN for f in out.functions for n in f.node)
     imports = [(o.domain, o.version) for o in out.opset_import
                if not (o.domain == PLUGIN_DOMAIN and not still_used)]
-    if (moved or has_plugin_nodes(out)) and not any(d == ORT_DOMAIN for d, _ in imports):
+    if (moved or has_plugin_nodes(out, ORT_DOMAINS)) and not any(d == ORT_DOMAIN for d, _ in imports):
         imports.append((ORT_DOMAIN, ORT_DOMAIN_VERSION))
     del out.opset_import[:]
     for domain, version in imports:
@@ -122,12 +115,6 @@ def prepare_for_onnxruntime(model: "onnx.ModelProto") -> "onnx.ModelProto":
         entry.domain, entry.version = domain, version
     out.ir_version = min(out.ir_version or IR_VERSION, IR_VERSION)
     return out
-
-
-def _library_path() -> str:
-    from onnxruntime_extensions import get_library_path
-
-    return get_library_path()
 
 
 def session_options_hook(options: "ort.SessionOptions", info: Any) -> None:
@@ -139,41 +126,30 @@ def session_options_hook(options: "ort.SessionOptions", info: Any) -> None:
     """
     try:
         domains = set(getattr(info, "custom_domains", ()) or ())
-        if not domains & set(_DOMAINS):
+        if not domains & set(ORT_DOMAINS):
             return
         proto = getattr(info, "proto", None)
-        if proto is not None and not has_plugin_nodes(proto):
+        if proto is not None and not has_plugin_nodes(proto, ORT_DOMAINS):
             return
     except Exception:   # an unreadable file: ONNX Runtime's own error will say why
         return
     register_ort_ops()
-    options.register_custom_ops_library(_library_path())
+    from onnxruntime_extensions import get_library_path
 
-
-def make_session(model: "onnx.ModelProto | str | bytes", threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> "ort.InferenceSession":
-    """An ONNX Runtime session for a plugin-form model (a proto, a path or serialized bytes)."""
-    import onnx
-    import onnxruntime as ort
-
-    if isinstance(model, bytes):
-        proto = onnx.load_from_string(model)
-    elif isinstance(model, str) or hasattr(model, "__fspath__"):
-        proto = onnx.load(str(model))
-    else:
-        proto = model
-    register_ort_ops()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    options.register_custom_ops_library(_library_path())
-    return ort.InferenceSession(prepare_for_onnxruntime(proto).SerializeToString(), options,
-                                providers=list(providers))
+    options.register_custom_ops_library(get_library_path())
 
 
 def run_plugin_onnx(model: "onnx.ModelProto | str | ort.InferenceSession", x: np.ndarray) -> np.ndarray:
-    """Run ``lr`` -> ``sr`` of a plugin-form model on float32 ``x``; float32 out."""
-    session = model if hasattr(model, "run") else make_session(model)
+    """Run a plugin-form model's first input -> first output on float32 ``x``; float32 out.
+
+    ``model`` is a session, a proto or a path; sessions come from
+    :func:`runtimes.onnx_runner.make_session`, whose hooks register this reference op.
+    """
+    if hasattr(model, "run"):
+        session = model
+    else:
+        from runtimes.onnx_runner import make_session
+
+        session = make_session(model)
     inp = session.get_inputs()[0]
     return session.run(None, {inp.name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(np.float32)
