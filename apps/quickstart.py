@@ -58,11 +58,21 @@ def default_model(weights: str | None):
             return create_model("esc", SCALE, deploy=True), "random"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+EXAMPLES = """examples:
+  esc-deploy quickstart                                  # official ESC x4 weights (random when offline)
+  python -m apps.quickstart --weights ESC_DIV2K_X4.pth --out outputs/mine"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esc-deploy quickstart", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="checkpoint path or official:NAME (default: official:ESC_DIV2K_X4)")
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"), help="output folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     model, source = default_model(args.weights)

@@ -76,7 +76,9 @@ def evaluate(dataset: Path, scale: int) -> list[ImageScore]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python validation/bicubic_baseline.py --dataset ../shared/data/Set5 --scale 4")
     parser.add_argument("--dataset", type=Path, required=True, help="folder with HR/ and LR_bicubic/")
     parser.add_argument("--scale", type=int, required=True, choices=(2, 3, 4))
     args = parser.parse_args(argv)
