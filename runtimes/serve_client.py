@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", type=Path, help="output file, or directory (created if missing)")
     parser.add_argument("--url", default=DEFAULT_URL,
                         help=f"server: http://HOST:PORT or grpc://HOST:PORT (default {DEFAULT_URL})")
+    parser.add_argument("--model", default=MODEL_NAME,
+                        help=f"model to send to (default {MODEL_NAME}; NAME_tiled for a fixed-shape repository)")
     parser.add_argument("--concurrency", type=positive_int, default=4, help="files in flight at once (default 4)")
     parser.add_argument("--tile", type=positive_int, default=None,
                         help="input size per request (default: whole image; needed above the server's --max-side)")
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         pairs = _plan(args)
-        runner = TritonRunner(args.url, timeout_s=args.timeout)
+        runner = TritonRunner(args.url, model=args.model, timeout_s=args.timeout)
     except (UsageError, ESCError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
