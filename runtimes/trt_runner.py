@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Runner, RunnerError
-from .metadata import ArtifactMetadata, MetadataError, read_sidecar, resolve_scale
+from .base import Runner, RunnerError, artifact_scale, metadata_errors
+from .metadata import ArtifactMetadata, read_sidecar
 from .plugin_ops.contract import PLUGIN_ID
 
 __all__ = ["TensorRTRunner"]
@@ -76,10 +76,8 @@ class TensorRTRunner(Runner):
             self._device = torch.device("cuda", torch.cuda.current_device())
         self.device = str(self._device)
         self.trt = trt
-        try:
+        with metadata_errors():
             self.metadata, self.build = read_sidecar(self.artifact)
-        except MetadataError as exc:
-            raise RunnerError(str(exc)) from exc
 
         with torch.cuda.device(self._device):
             plugin_error: Exception | None = None
@@ -127,12 +125,10 @@ class TensorRTRunner(Runner):
 
     def _read_metadata(self, scale: int | None) -> None:
         meta: ArtifactMetadata = self.metadata
-        if meta.scale is None and scale is None:   # no sidecar: measure, as the engine computes it
-            scale = self._measure_scale()
-        try:
-            self.scale = resolve_scale(meta, scale, f"{self.artifact} (sidecar {Path(self.artifact).name}.json)")
-        except MetadataError as exc:
-            raise RunnerError(str(exc)) from exc
+        # No sidecar and no scale=: the engine's own output size tells (one call at the profile's min).
+        measured = self._measure_scale() if meta.scale is None and scale is None else None
+        self.scale = artifact_scale(meta, scale, f"{self.artifact} (sidecar {Path(self.artifact).name}.json)",
+                                    static_scale=measured)
         self.input_multiple = int(meta.input_multiple or 1)
         self.precision = str(self.build.get("precision") or meta.precision
                              or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.input_dtype, "fp32"))
