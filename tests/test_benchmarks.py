@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run as bench
+from benchmarks.report import COLUMNS
 
 TINY = ["--models", "esc_light", "--runtimes", "torch,onnxruntime", "--output-size", "64x64",
         "--warmup", "0", "--repeat", "1", "--scale", "4"]
@@ -44,7 +45,7 @@ def test_outputs_have_expected_rows_and_columns(tiny_run: tuple[Path, list[str]]
     assert rows[1]["status"] in ("ok", "failed") and (rows[1]["status"] == "ok" or rows[1]["reason"])
     with open(out / "results.csv", newline="") as fh:
         reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames or ()) == bench.COLUMNS
+        assert tuple(reader.fieldnames or ()) == COLUMNS
         assert len(list(reader)) == 2
     md = (out / "results.md").read_text()
     assert "| model | params | FLOPs (G) | runtime | precision | latency ms | memory MB |" in md
@@ -91,3 +92,38 @@ def test_bad_flags_exit_2(flag: str, value: str, message: str, tmp_path: Path,
         bench.main([flag, value, "--out", str(tmp_path)])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tensorrt_row_uses_the_exporters_builder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine comes from export.trt_build.build_trt_engine (as in to_trt.py) at the row's exact shape;
+    a machine without TensorRT makes the row 'skipped' with the builder's reason."""
+    from types import SimpleNamespace
+
+    from benchmarks import measure
+    from export import trt_build
+
+    seen: dict[str, object] = {}
+
+    def no_tensorrt(model: object, output: Path, *, precision: str, profile: trt_build.ShapeProfile) -> None:
+        seen.update(output=output, precision=precision, profile=profile)
+        raise trt_build.TrtEnvironmentError(SimpleNamespace(path=tmp_path / "x.onnx"), ["tensorrt: pip install it"])
+
+    monkeypatch.setattr(trt_build, "build_trt_engine", no_tensorrt)
+    spec = {"model": "esc_light", "scale": 4, "precision": "fp16", "input_wh": [24, 16], "device": "cuda",
+            "cache_dir": str(tmp_path)}
+    with pytest.raises(measure._Skip, match="tensorrt: pip install it"):
+        measure._tensorrt_runner(spec, model=None)
+    assert seen["precision"] == "fp16" and seen["output"] == tmp_path / "esc_light_x4_16x24_fp16.engine"
+    assert seen["profile"].min == seen["profile"].max == (1, 3, 16, 24)
+
+
+def test_coreml_row_says_why_it_skips_off_macos() -> None:
+    import sys
+
+    from benchmarks.measure import runtime_unavailable
+
+    reason = runtime_unavailable("coreml", "cpu", "fp32")
+    if sys.platform == "darwin":
+        assert reason is None or "coremltools" in reason
+    else:
+        assert reason is not None and reason.startswith("Core ML prediction needs macOS")
