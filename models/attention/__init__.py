@@ -1,5 +1,5 @@
 """Window self-attention and its interchangeable back-ends."""
-from .backends import BACKENDS, AttentionBackend, make_backend
+from .backends import BACKENDS, AttentionBackend, CoreMLBackend, make_backend
 from .module import WindowAttention
 
-__all__ = ["BACKENDS", "AttentionBackend", "WindowAttention", "make_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "CoreMLBackend", "WindowAttention", "make_backend"]

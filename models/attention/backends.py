@@ -11,6 +11,8 @@ bookkeeping too, which is the whole point of fusing.
 - ``flashbias``: the bias factored per head by SVD into ``U V^T`` and appended to q and k,
   so a mask-free SDPA (a flash kernel on GPU) applies. Approximate below full rank.
 - ``fused``: the Triton window-attention kernel (``models.kernels``), one custom op.
+- ``coreml``: SDPA written the way coremltools converts it best (no explicit scale; the
+  bias gathered in-graph from its small table, or dense): the Core ML exporter's form.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import AttentionBackendError
+from ..errors import AttentionBackendError, ModelOptionError
 from .windows import HEAD_DIM, merge, pad_to_windows, partition
 
 if TYPE_CHECKING:
@@ -167,13 +169,66 @@ class FusedBackend(AttentionBackend):
         return fused_window_attention(qkv, attn.relative_position_bias, attn.window, attn.heads)
 
 
+def _toeplitz_index(window: int, device: torch.device) -> torch.Tensor:
+    """(w*w,) flattened ``idx[q, k] = k - q + w - 1``: one axis of the relative offset."""
+    r = torch.arange(window, device=device)
+    return (r[None, :] - r[:, None] + (window - 1)).reshape(-1)
+
+
+def table_bias(table: torch.Tensor, window: int) -> torch.Tensor:
+    """The dense (1, heads, w^2, w^2) bias gathered from a (heads, (2w-1)^2) table.
+
+    Two small gathers replace one (w^2, w^2) index: rows of the (2w-1, 2w-1) table by the
+    vertical offset, then columns by the horizontal one; the result is (heads, qh, kh, qw,
+    kw), permuted to (heads, qh, qw, kh, kw). Every intermediate stays at rank 5, which
+    Core ML requires. Equals :func:`models.attention.windows.dense_bias`.
+    """
+    heads = table.shape[0]
+    span = 2 * window - 1
+    idx = _toeplitz_index(window, table.device)
+    grid = table.reshape(heads, span, span)
+    rows = grid.index_select(1, idx).reshape(heads, window, window, span)
+    full = rows.index_select(3, idx).reshape(heads, window, window, window, window)
+    return full.permute(0, 1, 3, 2, 4).reshape(1, heads, window * window, window * window)
+
+
+class CoreMLBackend(WindowedBackend):
+    """Window attention written for coremltools: SDPA with no explicit scale.
+
+    coremltools maps SDPA to the fused iOS 18 ``scaled_dot_product_attention`` op only
+    when no explicit scale is given (ESC's 1/sqrt(16) is SDPA's default for head
+    dimension 16); for older targets it decomposes SDPA itself, so one graph serves all.
+    ``bias="table"`` gathers the bias from the table in-graph (:func:`table_bias`: a
+    small package, as long as the converter does not constant-fold the gather);
+    ``"dense"`` uses the module's dense bias (the deploy-time cache when present).
+    """
+
+    name = "coreml"
+    BIAS_MODES = ("table", "dense")
+
+    def __init__(self, bias: str = "table") -> None:
+        if bias not in self.BIAS_MODES:
+            raise ModelOptionError(f"coreml attention bias must be one of {', '.join(self.BIAS_MODES)}, "
+                                   f"got {bias!r}")
+        self.bias = bias
+
+    def core(self, q, k, v, attn):
+        if q.shape[-1] != HEAD_DIM:  # SDPA's default scale must be ESC's 1/sqrt(16)
+            raise AttentionBackendError(f"attention='coreml' needs head dimension {HEAD_DIM}, got {q.shape[-1]}")
+        bias = table_bias(attn.relative_position_bias, attn.window) if self.bias == "table" else attn.dense_bias()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+
+    def __repr__(self) -> str:
+        return f"CoreMLBackend(bias={self.bias!r})"
+
+
 BACKENDS: dict[str, type[AttentionBackend]] = {
-    cls.name: cls for cls in (NaiveBackend, SdpaBackend, FlexBackend, FlashBiasBackend, FusedBackend)
+    cls.name: cls for cls in (NaiveBackend, SdpaBackend, FlexBackend, FlashBiasBackend, FusedBackend, CoreMLBackend)
 }
 
 
 def make_backend(name: str | AttentionBackend, **options) -> AttentionBackend:
-    """Build a back-end by name (``naive``, ``sdpa``, ``flex``, ``flashbias``, ``fused``)."""
+    """Build a back-end by name (``naive``, ``sdpa``, ``flex``, ``flashbias``, ``fused``, ``coreml``)."""
     if isinstance(name, AttentionBackend):
         return name
     key = name.lower()
