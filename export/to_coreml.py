@@ -16,7 +16,7 @@ Presets (explicit options override them):
   into matmul + softmax), fp16; the papers measured an iPhone 12 at 32x32.
 
 Without ``--weights`` the model gets random weights (fine for latency and conversion checks
-only). See :mod:`export.coreml_export` for what is converted how and what is checked.
+only). See :mod:`export.coreml` for what is converted how and what is checked.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export import common  # noqa: E402
-from export import coreml_export as ce  # noqa: E402
+from export import coreml as ce  # noqa: E402
+from export.verify import verify_artifact  # noqa: E402
+from validation.compare import threshold_for  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or stored dense (+16 MB per block)")
     p.add_argument("--verify", action="store_true",
                    help="after export, run the package in the numpy interpreter and compare with PyTorch "
-                        "at every declared shape (fails above 1e-4 for fp32, 2e-2 for fp16; slow for big inputs)")
+                        f"at every declared shape (fails beyond the parity table: fp32 {threshold_for('fp32').describe()}, "
+                        f"fp16 {threshold_for('fp16').describe()}; slow for big inputs)")
     p.add_argument("--verify-image", metavar="PATH",
                    help="image to crop the --verify input from (default: a synthetic pattern)")
     return p
@@ -85,22 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.precision, target=args.target, image_io=args.image_io, compress=args.compress,
         bias=args.bias, output=args.output)
     result = ce.export_coreml(cfg)
-    rows = result.summary_rows()
+    rows = ce.summary_rows(result)
     if args.verify:
-        model = result.model
-        atol = ce.PARITY_ATOL[cfg.precision]
-        for h, w in cfg.declared_shapes:
-            res = ce.verify_package(result.path, model, _verify_input(args.verify_image, h, w))
-            if cfg.compress:  # compressed weights change the model: report, do not judge
-                verdict = "informational (compressed weights)"
-            else:
-                verdict = "ok" if res.passed(atol) else f"FAILED (bound {atol:g})"
+        inputs = [_verify_input(args.verify_image, h, w) for h, w in cfg.declared_shapes]
+        checks = verify_artifact(result.path, result.model, inputs, cfg.precision, raise_on_failure=False,
+                                 backend="interpreter")
+        for (h, w), res in zip(cfg.declared_shapes, checks):
+            # Compressed weights change the model: report, do not judge.
+            verdict = "informational (compressed weights)" if cfg.compress else ("ok" if res.passed else "FAILED")
             rows.append((f"verify {h}x{w}", f"interpreter vs PyTorch: max abs {res.max_abs:.2e}, "
                                             f"PSNR {res.psnr:.1f} dB: {verdict}"))
-            if not cfg.compress and not res.passed(atol):
-                common.print_summary("Core ML export", rows)
-                raise ce.CoreMLExportError(
-                    f"the package does not reproduce PyTorch at {h}x{w}: max abs error {res.max_abs:.3g} > {atol:g}")
+        failed = [res for res in checks if not res.passed]
+        if failed and not cfg.compress:
+            common.print_summary("Core ML export", rows)
+            raise ce.CoreMLExportError(
+                f"the package does not reproduce PyTorch ({threshold_for(cfg.precision).describe()}): "
+                + "; ".join(res.summary() for res in failed))
     common.print_summary("Core ML export", rows)
     return 0
 

@@ -8,7 +8,7 @@ Two back-ends, chosen with ``backend=``:
 * ``"coreml"``: Core ML itself through ``coremltools.models.MLModel.predict``, with a
   compute-unit choice (``compute_units="all" | "cpu_only" | "cpu_and_gpu" | "cpu_and_ne"``).
   Core ML prediction exists only on macOS;
-* ``"interpreter"``: the numpy interpreter of :mod:`runtimes.coreml_interpreter`, which
+* ``"interpreter"``: the numpy interpreter of :mod:`runtimes.coreml`, which
   executes the package's ML program op by op on any OS (slow, but it runs what the package
   says, so it checks conversions on Linux CI). ``interpreter_precision`` picks its
   arithmetic (``"auto"`` follows the program's fp16/fp32 types).
@@ -41,6 +41,9 @@ import numpy as np
 import torch
 
 from .base import Runner, RunnerError
+from .coreml import PRECISIONS, Interpreter, InterpreterError, UnsupportedOpError, load_program
+from .coreml.tools import import_coremltools
+from .metadata import read_coreml_metadata, resolve_scale
 
 __all__ = ["BACKENDS", "COMPUTE_UNITS", "CoreMLRunner", "latency", "parse_compute_units"]
 
@@ -75,20 +78,7 @@ def _is_macos() -> bool:
 
 
 def _coremltools() -> Any:
-    import contextlib
-    import io
-    import logging
-    import warnings
-
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            import coremltools as ct
-        except Exception as exc:
-            raise RunnerError(f"running Core ML packages needs coremltools (pip install coremltools): {exc}") from exc
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    return ct
+    return import_coremltools(RunnerError, "running Core ML packages")
 
 
 class CoreMLRunner(Runner):
@@ -100,16 +90,16 @@ class CoreMLRunner(Runner):
         backend: ``auto`` (default: Core ML on macOS, interpreter elsewhere), ``coreml``
             (refused off macOS) or ``interpreter``.
         interpreter_precision: ``auto`` (default), ``fp32`` or ``fp16`` (interpreter only;
-            see :mod:`runtimes.coreml_interpreter`).
+            see :mod:`runtimes.coreml.interpreter`).
+        scale: needed only when the package has no ``esc.scale`` metadata and no fixed
+            output shape to derive it from.
     """
 
     name = "coreml"
-    options = ("compute_units", "backend", "interpreter_precision")
+    options = ("compute_units", "backend", "interpreter_precision", "scale")
 
     def __init__(self, artifact: str | os.PathLike[str], device: str = "cpu", compute_units: str | None = "all",
-                 backend: str = "auto", interpreter_precision: str = "auto") -> None:
-        from .coreml_interpreter import PRECISIONS, InterpreterError, load_program
-
+                 backend: str = "auto", interpreter_precision: str = "auto", scale: int | None = None) -> None:
         self.artifact = os.fspath(artifact)
         path = Path(self.artifact)
         if not path.exists():
@@ -138,7 +128,7 @@ class CoreMLRunner(Runner):
             self.program = load_program(path)
         except InterpreterError as exc:
             raise RunnerError(f"cannot read {self.artifact}: {exc}") from exc
-        self._read_description()
+        self._read_description(scale)
         self._model: Any = None
         self._interpreter: Any = None
         if backend == "coreml":
@@ -149,65 +139,51 @@ class CoreMLRunner(Runner):
             except Exception as exc:
                 raise RunnerError(f"Core ML cannot load {self.artifact}: {exc}") from exc
         else:
-            from .coreml_interpreter import Interpreter, UnsupportedOpError
-
             try:
                 self._interpreter = Interpreter(self.program, precision=interpreter_precision)
             except UnsupportedOpError as exc:
                 raise RunnerError(str(exc)) from exc
 
     # -- description ---------------------------------------------------------------------
-    def _read_description(self) -> None:
+    def _read_description(self, scale: int | None) -> None:
         desc = self.program.description
         if len(desc.input) != 1 or len(desc.output) < 1:
             raise RunnerError(f"{self.artifact}: expected one input and one output, found "
                               f"{[i.name for i in desc.input]} -> {[o.name for o in desc.output]}")
-        feature = desc.input[0]
-        self.input_name = feature.name
+        self.input_name = desc.input[0].name
         self.output_name = desc.output[0].name
-        kind = feature.type.WhichOneof("Type")
-        self.image_io = kind == "imageType"
+        self.image_io = desc.input[0].type.WhichOneof("Type") == "imageType"
         self.output_image = desc.output[0].type.WhichOneof("Type") == "imageType"
-        self.allowed_shapes: list[tuple[int, int]] = []
-        if kind == "multiArrayType":
-            arr = feature.type.multiArrayType
-            if arr.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
-                self.allowed_shapes = [(int(s.shape[2]), int(s.shape[3])) for s in arr.enumeratedShapes.shapes]
-            elif arr.WhichOneof("ShapeFlexibility") == "shapeRange":
-                self.allowed_shapes = []  # a range: any size within it
-            elif len(arr.shape) == 4:
-                self.allowed_shapes = [(int(arr.shape[2]), int(arr.shape[3]))]
-        elif kind == "imageType":
-            img = feature.type.imageType
-            if img.WhichOneof("SizeFlexibility") == "enumeratedSizes":
-                self.allowed_shapes = [(int(s.height), int(s.width)) for s in img.enumeratedSizes.sizes]
-            else:
-                self.allowed_shapes = [(int(img.height), int(img.width))]
-        else:
-            raise RunnerError(f"{self.artifact}: input {feature.name} is a {kind}; an image or multi-array expected")
+        try:
+            self.allowed_shapes = self.program.input_shapes()
+        except InterpreterError as exc:
+            raise RunnerError(str(exc)) from exc
         self.enumerated = len(self.allowed_shapes) > 1
         # Enumerated: tile at the largest listed size (see the module docstring).
         self.fixed_shape = max(self.allowed_shapes, key=lambda s: (s[0] * s[1], s)) if self.allowed_shapes else None
-        self.metadata = dict(desc.metadata.userDefined)
-        meta = self.metadata
-        scale = meta.get("esc.scale")
-        if scale is None:
-            out = desc.output[0].type
-            if out.WhichOneof("Type") == "multiArrayType" and self.fixed_shape and len(out.multiArrayType.shape) == 4:
-                scale = int(out.multiArrayType.shape[2]) // self.fixed_shape[0]
-            elif out.WhichOneof("Type") == "imageType" and self.fixed_shape and out.imageType.height:
-                scale = int(out.imageType.height) // self.fixed_shape[0]
-        if scale is None:
-            raise RunnerError(f"{self.artifact} has no esc.scale metadata and no fixed output shape, so its "
-                              f"upscaling factor is unknown; re-export it with export/to_coreml.py")
-        self.scale = int(scale)
-        self.input_multiple = int(meta.get("esc.input_multiple") or 1)
+        meta = read_coreml_metadata(self.program.spec, source=self.artifact)
+        if meta.scale is None:
+            meta.scale = self._output_scale()
+        self.metadata = meta
+        self.scale = resolve_scale(meta, scale, self.artifact)
+        self.input_multiple = meta.input_multiple or 1
         types = {v.dtype for op in self.program.ops if op.type != "const" for v in op.outputs}
-        self.precision = meta.get("esc.precision") or ("fp16" if "FLOAT16" in types else "fp32")
-        self.variant = meta.get("esc.variant") or None
+        self.precision = meta.precision or ("fp16" if "FLOAT16" in types else "fp32")
+        self.variant = meta.variant
         hist = self.program.histogram()
         self.attention = ("fused scaled_dot_product_attention" if hist.get("scaled_dot_product_attention")
                           else "matmul+softmax")
+
+    def _output_scale(self) -> int | None:
+        """The upscaling factor a fixed output shape implies (packages without ``esc.scale``)."""
+        out = self.program.description.output[0].type
+        if self.fixed_shape is None:
+            return None
+        if out.WhichOneof("Type") == "multiArrayType" and len(out.multiArrayType.shape) == 4:
+            return int(out.multiArrayType.shape[2]) // self.fixed_shape[0]
+        if out.WhichOneof("Type") == "imageType" and out.imageType.height:
+            return int(out.imageType.height) // self.fixed_shape[0]
+        return None
 
     def runtime_details(self) -> dict[str, Any]:
         ct_version = None
@@ -221,7 +197,7 @@ class CoreMLRunner(Runner):
             "opset": self.program.opset,
             "compute_units": self.compute_units,
             "image_io": self.image_io,
-            "compression": self.metadata.get("esc.compression"),
+            "compression": self.metadata.get("compression"),
             "enumerated_shapes": [list(s) for s in self.allowed_shapes] if self.enumerated else None,
         }
         if self.backend == "coreml":
@@ -231,13 +207,20 @@ class CoreMLRunner(Runner):
         else:
             details.update({
                 "runtime": "coreml-interpreter",
-                "backend": (f"numpy interpreter (runtimes.coreml_interpreter, precision {self.interpreter_precision})"
+                "backend": (f"numpy interpreter (runtimes.coreml, precision {self.interpreter_precision})"
                             + ("" if _is_macos() else "; Core ML prediction needs macOS")),
                 "interpreter_precision": self.interpreter_precision,
             })
         return details
 
     # -- inference -----------------------------------------------------------------------
+    def check_size(self, height: int, width: int) -> None:
+        """A fixed-shape package takes its shape; an enumerated one any size up to a listed one."""
+        if self.enumerated:
+            self._target_shape(height, width)
+        else:
+            super().check_size(height, width)
+
     def _target_shape(self, h: int, w: int) -> tuple[int, int]:
         if not self.allowed_shapes or (h, w) in self.allowed_shapes:
             return h, w
@@ -269,24 +252,14 @@ class CoreMLRunner(Runner):
             y = np.asarray(value, dtype=np.float32)
         return y / 255.0 if self.output_image else y
 
-    @torch.no_grad()
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}")
         b, _, h, w = batch.shape
-        if not self.enumerated and self.fixed_shape is not None and (h, w) != self.fixed_shape:
-            raise ValueError(f"{self.artifact} takes {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs, got {h}x{w} "
-                             f"(use upscale(), which tiles at the fixed shape)")
         th, tw = self._target_shape(h, w)
         array = batch.detach().to("cpu", torch.float32).numpy()
         if (th, tw) != (h, w):
             array = np.pad(array, [(0, 0), (0, 0), (0, th - h), (0, tw - w)], mode="edge")
         outs = [self._predict_one(np.ascontiguousarray(array[i:i + 1])) for i in range(b)]
         out = np.concatenate(outs)[:, :, :h * self.scale, :w * self.scale]
-        expected = (b, 3, h * self.scale, w * self.scale)
-        if tuple(out.shape) != expected:
-            raise RunnerError(f"{self.artifact} returned {tuple(out.shape)} for input {tuple(batch.shape)}; "
-                              f"expected {expected}")
         return torch.from_numpy(np.ascontiguousarray(out)).to(batch.device)
 
 

@@ -1,7 +1,7 @@
 """Core ML export (``export/to_coreml.py``), the numpy ML-program interpreter and the runner.
 
 Core ML prediction needs macOS, so on Linux the packages are executed by
-``runtimes.coreml_interpreter``; parity with PyTorch is what proves a conversion right.
+``runtimes.coreml`` (the numpy interpreter); parity with PyTorch is what proves a conversion right.
 
 Time budget: the seven real conversions (esc, esc_light, esc_fp with the m2 and iphone
 presets, and one enumerated-shapes package) run as CLI subprocesses, two at a time, started
@@ -26,11 +26,16 @@ from torch import nn
 
 pytest.importorskip("coremltools")
 
-from export import coreml_export as ce  # noqa: E402
+from export import coreml as ce  # noqa: E402
 from export.common import sha256_file  # noqa: E402
+from export.verify import verify_artifact  # noqa: E402
 from models.config import ESCConfig  # noqa: E402
 from models.loader import build, randomise  # noqa: E402
-from runtimes import coreml_interpreter as ci  # noqa: E402
+from runtimes.coreml.interpreter import Interpreter  # noqa: E402
+from runtimes.coreml.reader import (ArgRef, BlobFile, InterpreterError, MILOp, UnsupportedOpError,  # noqa: E402
+                                    load_program, unpack_bits)
+from runtimes.coreml.registry import KERNELS, Call  # noqa: E402
+from validation.compare import threshold_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -42,10 +47,10 @@ CHECKPOINTS = {
     "esc_fp": GOLDEN / "esc_fp_x4_41x47_b1.pth",
 }
 #: Interpreter (emulated fp16) vs PyTorch fp32 on Set5 crops, for fp16 packages: the bound
-#: is validation/parity.py's fp16 threshold; measured errors are 1e-3 .. 6e-3.
-FP16_ATOL = ce.PARITY_ATOL["fp16"]
-FP16_MIN_PSNR = 50.0
-FP32_ATOL = ce.PARITY_ATOL["fp32"]
+#: is the one parity table's fp16 entry; measured errors are 1e-3 .. 6e-3.
+FP16_ATOL = threshold_for("fp16").atol
+FP16_MIN_PSNR = threshold_for("fp16").min_psnr
+FP32_ATOL = threshold_for("fp32").atol
 
 
 # --------------------------------------------------------------------------------------
@@ -142,6 +147,12 @@ def _set5_crop(h: int, w: int, name: str = "butterflyx4.png", top: int = 0, left
     return x[..., top:top + h, left:left + w].contiguous()
 
 
+def _parity(package: Path, reference: nn.Module, x: torch.Tensor, precision: str = "auto"):
+    """The package run by the interpreter vs ``reference`` on ``x`` (export.verify's comparison, not judged)."""
+    return verify_artifact(package, reference, [x], "fp32", raise_on_failure=False, backend="interpreter",
+                           interpreter_precision=precision)[0]
+
+
 def _reference(name: str) -> nn.Module:
     from models import load_model
 
@@ -181,10 +192,11 @@ def test_parse_options_and_presets():
 
 
 def test_table_bias_matches_dense_bias():
+    from models.attention.backends import table_bias
     from models.attention.windows import dense_bias
 
     table = torch.randn(3, (2 * 8 - 1) ** 2)
-    assert torch.equal(ce.table_bias(table, 8), dense_bias(table, 8))
+    assert torch.equal(table_bias(table, 8), dense_bias(table, 8))
 
 
 def test_kmeans_lut():
@@ -205,9 +217,9 @@ def test_kmeans_lut():
 # Interpreter kernels against torch
 # --------------------------------------------------------------------------------------
 def _run_op(op_type: str, outputs: int = 1, **inputs):
-    op = ci.MILOp(op_type, op_type, {k: [ci.ArgRef(value=np.asarray(v) if not isinstance(v, str) else v)]
-                                     for k, v in inputs.items()}, [])
-    return ci.KERNELS[op_type](ci._Call(op, {}))
+    op = MILOp(op_type, op_type, {k: [ArgRef(value=np.asarray(v) if not isinstance(v, str) else v)]
+                                  for k, v in inputs.items()}, [])
+    return KERNELS[op_type](Call(op, {}))
 
 
 @pytest.mark.parametrize("groups,stride,dilation,pad_type", [
@@ -249,7 +261,7 @@ def test_elementwise_and_shape_kernels():
                                torch.nn.functional.pad(x, (3, 1, 1, 2), mode="reflect").numpy())
     np.testing.assert_allclose(_run_op("pad", x=x.numpy(), pad=[1, 2, 3, 1], mode="replicate"),
                                torch.nn.functional.pad(x, (3, 1, 1, 2), mode="replicate").numpy())
-    with pytest.raises(ci.InterpreterError, match="pad < size"):
+    with pytest.raises(InterpreterError, match="pad < size"):
         _run_op("pad", x=x.numpy(), pad=[0, 0, 6, 0], mode="reflect")
     ln = _run_op("layer_norm", x=x.numpy(), axes=[1], epsilon=1e-6)
     ref = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-6)
@@ -280,8 +292,8 @@ def test_elementwise_and_shape_kernels():
 
 def test_constexpr_kernels_and_bit_unpacking():
     packed = np.array([0b11100100, 0b00000011], np.uint8)  # 2-bit fields 0,1,2,3 then 3
-    np.testing.assert_array_equal(ci._unpack_bits(packed, 2, 5, signed=False), [0, 1, 2, 3, 3])
-    np.testing.assert_array_equal(ci._unpack_bits(np.array([0xF8], np.uint8), 4, 2, signed=True), [-8, -1])
+    np.testing.assert_array_equal(unpack_bits(packed, 2, 5, signed=False), [0, 1, 2, 3, 3])
+    np.testing.assert_array_equal(unpack_bits(np.array([0xF8], np.uint8), 4, 2, signed=True), [-8, -1])
     lut = np.array([0.0, 1.5, -2.0, 4.0], np.float32)
     got = _run_op("constexpr_lut_to_dense", lut=lut, indices=packed, shape=np.array([5], np.uint32))
     np.testing.assert_array_equal(got, lut[[0, 1, 2, 3, 3]])
@@ -293,10 +305,10 @@ def test_constexpr_kernels_and_bit_unpacking():
 
 def test_unsupported_op_is_named(tiny_package):
     result, _ = tiny_package
-    program = ci.load_program(result.path)
+    program = load_program(result.path)
     program.ops[5].type = "mystery_op"
-    with pytest.raises(ci.UnsupportedOpError, match="mystery_op"):
-        ci.Interpreter(program)
+    with pytest.raises(UnsupportedOpError, match="mystery_op"):
+        Interpreter(program)
 
 
 def test_blob_fallback_parser_matches_native_reader(tiny_package, monkeypatch):
@@ -306,9 +318,9 @@ def test_blob_fallback_parser_matches_native_reader(tiny_package, monkeypatch):
     def values(program):
         return {op.outputs[0].name: op.attributes["val"] for op in program.ops if op.type == "const"}
 
-    native = values(ci.load_program(result.path))
-    monkeypatch.setattr(ci._BlobFile, "read", lambda self, offset, dtype, count: self._parse(offset, dtype, count))
-    parsed = values(ci.load_program(result.path))
+    native = values(load_program(result.path))
+    monkeypatch.setattr(BlobFile, "read", lambda self, offset, dtype, count: self._parse(offset, dtype, count))
+    parsed = values(load_program(result.path))
     big = [k for k, v in native.items() if isinstance(v, np.ndarray) and v.size > 100]
     assert big and all(np.array_equal(native[k], parsed[k]) for k in big)
 
@@ -324,8 +336,28 @@ def test_tiny_package_parity_and_metadata(tiny_package):
     assert meta["esc.scale"] == "2" and meta["esc.tile"] == "16x16" and meta["esc.weights_sha256"] == "random"
     assert meta["esc.toolkit_version"]
     assert not (result.path / "executorch_debug_handle_mapping.json").exists()
-    res = ce.verify_package(result.path, model, torch.rand(1, 3, 16, 16))
+    res = _parity(result.path, model, torch.rand(1, 3, 16, 16))
     assert res.max_abs < FP32_ATOL, res
+
+
+def test_export_leaves_the_callers_model_alone(tmp_path):
+    """prepare_model and convert_module work on copies: the caller's attention back-end,
+    dynamic-kernel form, folds and weights are what they were."""
+    def state(model: nn.Module) -> tuple:
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        return model.attention, model.dynamic_kernel_form, model.deployed, weights
+
+    def same(a: tuple, b: tuple) -> bool:
+        return a[:3] == b[:3] and a[3].keys() == b[3].keys() and all(torch.equal(a[3][k], b[3][k]) for k in a[3])
+
+    model = _tiny_model(seed=2)
+    before = state(model)
+    prepared = ce.prepare_model(model)
+    assert same(state(model), before) and prepared.attention == "coreml"
+    prepared_before = state(prepared)
+    ce.convert_module(prepared, _tiny_cfg(image_io=True), tmp_path / "copy.mlpackage", model_for_metadata=prepared)
+    assert same(state(prepared), prepared_before) and prepared.dynamic_kernel_form == "shifts"
+    assert same(state(model), before)
 
 
 def test_broken_conversion_is_caught(tmp_path, tiny_package):
@@ -351,7 +383,7 @@ def test_broken_conversion_is_caught(tmp_path, tiny_package):
                                model_for_metadata=model)
     assert result.report.ok  # structurally fine
     x = torch.rand(1, 3, 16, 16)
-    res = ce.verify_package(result.path, model, x)
+    res = _parity(result.path, model, x)
     assert res.max_abs > 100 * FP32_ATOL, res  # ... but it computes something else
 
 
@@ -401,8 +433,8 @@ def test_package_checks_catch_rank_target_and_pads(tmp_path, tiny_package):
     with pytest.raises(ce.PackageCheckError, match="rank 6"):
         ce.check_package(report)
     # Reflect pads: legal ones pass, pad >= size is reported.
-    assert ce._reflect_problems("p", (1, 3, 8, 8), [2, 2, 7, 7], None) == []
-    assert "pad < size" in ce._reflect_problems("p", (1, 3, 8, 8), [2, 2, 8, 0], "8x8")[0]
+    assert ce.reflect_problems("p", (1, 3, 8, 8), [2, 2, 7, 7], None) == []
+    assert "pad < size" in ce.reflect_problems("p", (1, 3, 8, 8), [2, 2, 8, 0], "8x8")[0]
 
 
 def test_reflect_pads_checked_at_every_enumerated_shape(tmp_path):
@@ -419,7 +451,7 @@ def test_reflect_pads_checked_at_every_enumerated_shape(tmp_path):
                                tmp_path / "reflect.mlpackage")
     assert result.report.reflect_pads == 1 and result.report.ok
     for h, w in [(32, 32), (64, 32)]:
-        assert ce.verify_package(result.path, module, torch.rand(1, 3, h, w)).max_abs < FP32_ATOL
+        assert _parity(result.path, module, torch.rand(1, 3, h, w)).max_abs < FP32_ATOL
 
 
 @pytest.mark.parametrize("compress,target,op,atol", [
@@ -436,17 +468,17 @@ def test_compressed_packages(tmp_path, tiny_package, compress, target, op, atol)
                                tmp_path / f"{compress}.mlpackage", model_for_metadata=model)
     assert result.report.histogram[op] > 0 and result.report.ok
     assert result.report.metadata["esc.compression"] == compress
-    res = ce.verify_package(result.path, model, torch.rand(1, 3, 16, 16))
+    res = _parity(result.path, model, torch.rand(1, 3, 16, 16))
     assert res.max_abs < atol, res
 
 
 def test_image_io_package(tmp_path, tiny_package):
     _, model = tiny_package
     result = ce.convert_module(model, _tiny_cfg(image_io=True), tmp_path / "image.mlpackage", model_for_metadata=model)
-    desc = ci.load_program(result.path).description
+    desc = load_program(result.path).description
     assert desc.input[0].type.WhichOneof("Type") == "imageType"
     assert desc.output[0].type.WhichOneof("Type") == "imageType"
-    res = ce.verify_package(result.path, model, torch.rand(1, 3, 16, 16))  # fed 0..255, output / 255
+    res = _parity(result.path, model, torch.rand(1, 3, 16, 16))  # fed 0..255, output / 255
     assert res.max_abs < 1e-4, res
 
 
@@ -530,7 +562,7 @@ def test_cli_conversion(cli_jobs, name):
 def test_fp16_package_parity_in_emulated_fp16(cli_jobs, name):
     _, out = cli_jobs.get(name)
     x = _set5_crop(32, 32, top=16, left=16)
-    res = ce.verify_package(out, _reference(name.split("-")[0]), x, precision="auto")
+    res = _parity(out, _reference(name.split("-")[0]), x, precision="auto")
     assert res.max_abs < FP16_ATOL and res.psnr > FP16_MIN_PSNR, res
 
 
@@ -538,7 +570,7 @@ def test_fp32_enumerated_package_parity(cli_jobs):
     _, out = cli_jobs.get("esc_light-enum")
     reference = _reference("esc_light")
     for h, w in [(32, 32), (64, 64)]:
-        res = ce.verify_package(out, reference, _set5_crop(h, w), precision="auto")
+        res = _parity(out, reference, _set5_crop(h, w), precision="auto")
         assert res.max_abs < FP32_ATOL, (h, w, res)
 
 
@@ -557,7 +589,7 @@ def test_validation_parity_script(tmp_path):
     model = _tiny_model(seed=3, scale=4)
     weights = tmp_path / "tiny_x4.pth"
     torch.save({"params_ema": model.state_dict()}, weights)
-    ce.prepare_model(model)
+    model = ce.prepare_model(model)
     package = tmp_path / "tiny_x4.mlpackage"
     ce.convert_module(model, _tiny_cfg(scale=4, shapes=[(32, 32), (64, 64)]), package, model_for_metadata=model)
     proc = subprocess.run([sys.executable, str(ROOT / "validation" / "parity.py"), "--artifact", str(package),

@@ -1,0 +1,114 @@
+"""One export, end to end: trace, convert, describe, save atomically, check what was saved.
+
+A failing package never takes its final name: it is saved into a temporary directory,
+read back and checked (:mod:`.checks`), and renamed into place only after the checks
+pass. Parity with PyTorch is :func:`export.verify.verify_artifact` on the written package
+(the numpy interpreter on Linux), run by the command's ``--verify``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.common import atomic_output
+from runtimes.metadata import ArtifactMetadata
+
+from .checks import PackageReport, check_package, inspect_package
+from .convert import convert_program, export_program
+from .form import build_model, export_copy
+from .metadata import apply_metadata, artifact_metadata
+from .options import CoreMLExportConfig, CoreMLExportError, default_output_path
+
+__all__ = ["ExportResult", "convert_module", "export_coreml"]
+
+
+@dataclass
+class ExportResult:
+    """What one export wrote and found (:func:`export.coreml.summary.summary_rows` prints it)."""
+
+    path: Path
+    config: CoreMLExportConfig
+    report: PackageReport
+    metadata: ArtifactMetadata
+    attention: str
+    model: nn.Module | None = field(default=None, repr=False)  # the PyTorch model that was converted
+
+
+def _attention_form(report: PackageReport) -> str:
+    if report.histogram.get("scaled_dot_product_attention"):
+        return f"fused scaled_dot_product_attention x{report.histogram['scaled_dot_product_attention']}"
+    return f"decomposed: matmul x{report.histogram.get('matmul', 0)} + softmax x{report.histogram.get('softmax', 0)}"
+
+
+def _trace_example(module: nn.Module, cfg: CoreMLExportConfig,
+                   model: nn.Module | None) -> tuple[torch.Tensor, int | None]:
+    """The example input to trace and, for enumerated shapes, the window its sizes are multiples of."""
+    shapes = cfg.declared_shapes
+    seed = torch.Generator().manual_seed(0)
+    if not cfg.enumerated:
+        return torch.rand(1, 3, *shapes[0], generator=seed), None
+    window = getattr(getattr(model or module, "config", None), "window_size", None) or 32
+    bad = [f"{h}x{w}" for h, w in shapes if h % window or w % window]
+    if bad:
+        raise CoreMLExportError(
+            f"enumerated shapes must be multiples of the attention window ({window}): {', '.join(bad)}. "
+            f"The window padding is traced into the graph, so one program serves only window multiples; "
+            f"export a fixed --input-size for other sizes.")
+    # Trace at two windows per side: torch.export specialises symbolic sizes that are 1,
+    # so an example of one window would pin the graph to that size.
+    return torch.rand(1, 3, 2 * window, 2 * window, generator=seed), window
+
+
+def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.PathLike | None = None,
+                   model_for_metadata: nn.Module | None = None, weights_sha256: str | None = None,
+                   check: bool = True) -> ExportResult:
+    """Convert any ``(1,3,h,w) -> (1,3,sh,sw)`` module with the export code path and save it.
+
+    This is what :func:`export_coreml` uses after building the model; tests feed it wrapped
+    or deliberately broken modules. ``module`` itself is not changed (a copy is traced,
+    :func:`export.coreml.form.export_copy`). With ``check=True`` a package failing
+    :func:`export.coreml.checks.inspect_package` raises :class:`PackageCheckError` and
+    nothing is written.
+    """
+    cfg.validate()
+    if cfg.scale is None:
+        cfg.scale = getattr(model_for_metadata if model_for_metadata is not None else module, "scale", None)
+        if cfg.scale is None:
+            raise CoreMLExportError("the upscaling factor is unknown: set CoreMLExportConfig.scale")
+    out = Path(output or cfg.output or default_output_path(cfg))
+    if out.suffix != ".mlpackage":
+        raise CoreMLExportError(f"the output must end in .mlpackage (ML programs are packages), got {out}")
+    example, window = _trace_example(module, cfg, model_for_metadata)
+    shapes = cfg.declared_shapes
+    ep = export_program(export_copy(module, cfg.image_io), example, dynamic_multiple=window,
+                        max_size=(max(h for h, _ in shapes), max(w for _, w in shapes)))
+    ml = convert_program(ep, cfg)
+    meta = artifact_metadata(cfg, model_for_metadata, weights_sha256)
+    apply_metadata(ml, cfg, meta)
+    with atomic_output(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ml.save(str(tmp))
+        # coremltools writes ExecuTorch's op-to-source mapping (~1 MB for ESC) beside the
+        # package data for torch.export sources; Core ML never reads it (it is not in the
+        # package manifest), so it is dropped.
+        debug_map = Path(tmp) / "executorch_debug_handle_mapping.json"
+        if debug_map.is_file():
+            debug_map.unlink()
+        report = inspect_package(tmp, cfg.target, shapes)
+        if check:
+            check_package(report)
+    report.path = out
+    return ExportResult(out, cfg, report, meta, _attention_form(report), model_for_metadata)
+
+
+def export_coreml(cfg: CoreMLExportConfig) -> ExportResult:
+    """Build the ESC model of ``cfg``, convert, check and save it; returns what was written."""
+    cfg.validate()
+    model, sha = build_model(cfg)
+    return convert_module(model, cfg, cfg.output, model_for_metadata=model, weights_sha256=sha)
