@@ -14,8 +14,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 #: Path (relative to the repository root) -> floor; the longest matching prefix wins.
@@ -31,13 +29,6 @@ FLOORS: dict[str, int] = {
     "benchmarks/": 4,
     "apps/": 4,
 }
-
-#: Upward imports that other issue-9 commits are removing, by module: each must be fixed
-#: (the xfail is strict, so the fix turns it into a failure until the entry is deleted).
-KNOWN_VIOLATIONS: dict[str, str] = {
-    "runtimes/trt_runner.py": "imports export.trt_plugin; the op-contract commit moves the plugin to runtimes",
-}
-
 
 @dataclass(frozen=True)
 class Violation:
@@ -119,17 +110,8 @@ def test_every_module_has_a_floor() -> None:
 
 
 def test_no_module_imports_from_a_floor_above() -> None:
-    found = [v for v in find_violations(REPO)[0] if v.module not in KNOWN_VIOLATIONS]
+    found = find_violations(REPO)[0]
     assert not found, "upward imports:\n" + "\n".join(map(str, found))
-
-
-@pytest.mark.parametrize("module", [
-    pytest.param(module, marks=pytest.mark.xfail(strict=True, reason=reason))
-    for module, reason in KNOWN_VIOLATIONS.items()
-])
-def test_known_violation_is_fixed(module: str) -> None:
-    found = [v for v in find_violations(REPO)[0] if v.module == module]
-    assert not found, "\n".join(map(str, found))
 
 
 def test_checker_catches_a_synthetic_upward_import(tmp_path: Path) -> None:
