@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attention.windows import pad_to_windows
 from .backends import RIBBackend, SdpaBackend
 from .positional import positional_factors, window_features
 
@@ -13,8 +14,9 @@ class RIBAttention(nn.Module):
 
     State-dict keys are upstream's: ``to_hidden``, ``hidden_b``, ``to_q``, ``to_k``
     (the bias MLP), ``to_qkv``, ``to_out`` and ``gate.0`` / ``gate.1`` (depthwise 3x3 and
-    1x1, then a sigmoid). The gate sees the un-padded input; the qkv map is reflect-padded
-    to whole windows by the back-end (the same as padding before the 1x1 ``to_qkv``).
+    1x1, then a sigmoid). The gate sees the un-padded input; the input is reflect-padded to
+    whole windows before ``to_qkv``, as upstream does (a third of the data of padding the
+    qkv map, the same numbers), and the attention output is cropped back.
     """
 
     def __init__(self, dim: int, window: int, heads: int, rank: int, hidden: int = 32, n_freqs: int = 10) -> None:
@@ -37,8 +39,9 @@ class RIBAttention(nn.Module):
         self.backend: RIBBackend = SdpaBackend()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate(x)
-        return self.to_out(self.backend(self.to_qkv(x), self) * gate)
+        h, w = x.shape[-2], x.shape[-1]
+        out = self.backend(self.to_qkv(pad_to_windows(x, self.window)), self)
+        return self.to_out(out[:, :, :h, :w] * self.gate(x))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, heads, w^2, r) q and k factors: the deploy-time constants, else from the MLP."""

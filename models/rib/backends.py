@@ -1,7 +1,7 @@
 """Attention back-ends for RIB layers: what runs between ``to_qkv`` and the gate.
 
-Each takes the un-padded qkv map (B, 3C, H, W) and the :class:`RIBAttention` module and
-returns (B, C, H, W). The score of every back-end is
+Each takes the qkv map (B, 3C, Hp, Wp), already padded to whole windows, and the
+:class:`RIBAttention` module, and returns (B, C, Hp, Wp). The score of every back-end is
 ``(q k^T + F_q F_k^T) / sqrt(d)`` with the module's factors (see
 :func:`models.rib.positional.positional_factors`):
 
@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.backends import AttentionBackend
-from ..attention.windows import pad_to_windows
 from ..errors import AttentionBackendError
 from .windows import join_windows, split_windows
 
@@ -33,15 +32,13 @@ FLASH_MULTIPLE = 8
 
 
 class RIBBackend(AttentionBackend):
-    """Pads, splits into windows, runs :meth:`core`, joins and crops."""
+    """Splits the padded map into windows, runs :meth:`core`, joins the windows."""
 
     def __call__(self, qkv: torch.Tensor, attn: "RIBAttention") -> torch.Tensor:  # type: ignore[override]
-        b, _, h, w = qkv.shape
-        padded = pad_to_windows(qkv, attn.window)
-        q, k, v = split_windows(padded, attn.window, attn.heads)
+        q, k, v = split_windows(qkv, attn.window, attn.heads)
         f_q, f_k = (f.to(q.dtype) for f in attn.factors())
         out = self.core(q, k, v, f_q, f_k, attn.head_dim ** -0.5)
-        return join_windows(out, b, padded.shape[-2], padded.shape[-1], attn.window)[:, :, :h, :w]
+        return join_windows(out, qkv.shape[0], qkv.shape[-2], qkv.shape[-1], attn.window)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f_q: torch.Tensor, f_k: torch.Tensor,
              scale: float) -> torch.Tensor:
