@@ -8,7 +8,13 @@
 from .attention import BACKENDS, make_backend
 from .base import ESCBase, ModelDescriptor
 from .config import VARIANTS, ESCConfig, get_variant
-from .errors import AttentionBackendError, CheckpointError, ESCError, UnknownVariantError, WeightsDownloadError
+from .errors import (
+    AttentionBackendError,
+    CheckpointError,
+    ESCError,
+    UnknownVariantError,
+    WeightsDownloadError,
+)
 from .hub import OFFICIAL_WEIGHTS
 from .loader import create_model, infer_config, load_model, read_state_dict
 from .rib.backends import RIB_BACKENDS

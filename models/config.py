@@ -61,10 +61,10 @@ class Variant:
 # SST sizes and the two window schedules (per layer of a block), from upstream's test configs.
 SST_WINDOWS = (16, 32, 64, 16, 32, 64)
 SST_PLUS_WINDOWS = (16, 32, 48, 32, 48, 96)
-SST_BASE = dict(dim=180, num_heads=(6,) * 6, ranks=(18, 18, 18, 34, 34, 34), n_blocks=6, exp_ratio=1.25)
-SST_LARGE = dict(dim=192, num_heads=(6,) * 6, ranks=(16, 16, 16, 32, 32, 32), n_blocks=8, exp_ratio=2.0,
-                 intermediate_dim=96)
-SST_XL = dict(SST_LARGE, dim=224, num_heads=(7,) * 6, n_blocks=10)
+SST_BASE = {"dim": 180, "num_heads": (6,) * 6, "ranks": (18, 18, 18, 34, 34, 34), "n_blocks": 6, "exp_ratio": 1.25}
+SST_LARGE = {"dim": 192, "num_heads": (6,) * 6, "ranks": (16, 16, 16, 32, 32, 32), "n_blocks": 8, "exp_ratio": 2.0,
+             "intermediate_dim": 96}
+SST_XL = {**SST_LARGE, "dim": 224, "num_heads": (7,) * 6, "n_blocks": 10}
 
 VARIANTS: dict[str, Variant] = {
     v.name: v

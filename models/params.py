@@ -3,8 +3,10 @@
     python -m models.params
 
 Counts come from building each network (on the meta device: no memory, no weights);
-they include the attention bias tables, as upstream's counts do. The golden vectors'
-index, made by the upstream code, pins six of them in the tests.
+they include the attention bias tables (ESC) and the RIB bias MLPs (ESC-RIB, SST), as
+upstream's counts do. The golden vectors' indexes, made by the upstream code, pin six ESC
+and four RIB-family counts in the tests. The plus variants differ from their base only
+in window sizes, so their counts are equal.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ def count(name: str, scale: int) -> int:
 
 
 def main() -> None:
-    print(f"{'variant':<10} {'scale':>5} {'params':>12} {'paper':>10}")
+    width = max(len(name) for name in VARIANTS)
+    print(f"{'variant':<{width}} {'scale':>5} {'params':>12} {'paper':>10}")
     for name, variant in VARIANTS.items():
         for scale in variant.scales:
             paper = variant.paper_params_k.get(scale)
             shown = f"{paper / 1000:.1f}M" if paper else "-"
-            print(f"{name:<10} {'x' + str(scale):>5} {count(name, scale):>12,} {shown:>10}")
+            print(f"{name:<{width}} {'x' + str(scale):>5} {count(name, scale):>12,} {shown:>10}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import AttentionBackendError, CheckpointError, RIBConfig, infer_config, load_model, read_state_dict
-from models.deploy import _fold_affine_into_pointwise, fold_large_kernels, fold_layernorm_affine, precompute_attention_bias
+from models import (
+    AttentionBackendError,
+    CheckpointError,
+    RIBConfig,
+    infer_config,
+    load_model,
+    read_state_dict,
+)
+from models.deploy import (
+    _fold_affine_into_pointwise,
+    fold_large_kernels,
+    fold_layernorm_affine,
+    precompute_attention_bias,
+)
 from models.loader import build
 from models.params import count
 from models.rib.positional import positional_factors

@@ -34,7 +34,7 @@ FLASH_MULTIPLE = 8
 class RIBBackend(AttentionBackend):
     """Splits the padded map into windows, runs :meth:`core`, joins the windows."""
 
-    def __call__(self, qkv: torch.Tensor, attn: "RIBAttention") -> torch.Tensor:  # type: ignore[override]
+    def __call__(self, qkv: torch.Tensor, attn: RIBAttention) -> torch.Tensor:  # type: ignore[override]
         q, k, v = split_windows(qkv, attn.window, attn.heads)
         f_q, f_k = (f.to(q.dtype) for f in attn.factors())
         out = self.core(q, k, v, f_q, f_k, attn.head_dim ** -0.5)

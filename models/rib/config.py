@@ -59,7 +59,7 @@ class RIBConfig:
         """Window size of every attention layer, in the order the network runs them."""
         return self.window_sizes * self.n_blocks
 
-    def structure(self) -> "RIBConfig":
+    def structure(self) -> RIBConfig:
         """This config without what the weights cannot tell (the window sizes)."""
         return replace(self, window_sizes=())
 

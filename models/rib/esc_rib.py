@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import TilingBehaviour
+from ..base import ESCBase
 from ..blocks import Block
 from ..esc import ESC
 from ..layers import ChannelLayerNorm, pixel_shuffle, repeat_channels
@@ -49,9 +49,9 @@ class ESCRIB(RIBNetwork):
 
     large_kernels = ESC.large_kernels
     fold_large_kernels = ESC.fold_large_kernels
+    tiling_behaviour = ESCBase.tiling_behaviour  # inexact (global pooling), aligned to the window
 
-    #: Tiles differ from an untiled run (global pooling); this much context is an estimate
-    #: (ESC's measured 96 px at w = 32, doubled with the window), not a measurement.
+    #: An estimate, not a measurement: ESC's measured 96 px at w = 32, doubled with the window.
     TILE_CONTEXT = 192
 
     def __init__(self, config: RIBConfig) -> None:
@@ -70,11 +70,3 @@ class ESCRIB(RIBNetwork):
         for block in self.blocks:
             out = block(out, *kernels)
         return self.upsampler(self.last(out) + feat, x)
-
-    def tiling_behaviour(self) -> TilingBehaviour:
-        window = self.config.input_multiple
-        return TilingBehaviour(
-            supported=True, exact=False, align=window, context=self.TILE_CONTEXT,
-            note=(f"tiles differ slightly from an untiled run: every dynamic-kernel estimator average-pools "
-                  f"its whole input; start tiles on the {window}-pixel window grid; the {self.TILE_CONTEXT} px "
-                  f"context is an estimate for ESC-RIB, not a measurement"))

@@ -90,9 +90,9 @@ def _structure(sd: StateDict) -> RIBConfig:
         first = "blocks.0"
         n_blocks = _count(sd, r"blocks\.(\d+)\.")
         layers = [first]
-        extra = dict(pdim=sd["plk_filter"].shape[0], kernel_size=sd["plk_filter"].shape[-1],
-                     conv_blocks=_count(sd, r"blocks\.0\.convffns\.(\d+)\.proj\.weight"),
-                     proj_ratio=sd["blocks.0.proj.proj.weight"].shape[0] / dim)
+        extra = {"pdim": sd["plk_filter"].shape[0], "kernel_size": sd["plk_filter"].shape[-1],
+                 "conv_blocks": _count(sd, r"blocks\.0\.convffns\.(\d+)\.proj\.weight"),
+                 "proj_ratio": sd["blocks.0.proj.proj.weight"].shape[0] / dim}
         exp_ratio = sd["blocks.0.convffns.0.proj.weight"].shape[0] / dim
         scale = math.isqrt(sd["upsampler.up_conv.weight"].shape[0] // 3)
     else:
@@ -100,7 +100,7 @@ def _structure(sd: StateDict) -> RIBConfig:
         n_blocks = _count(sd, r"body\.(\d+)\.0\.attn\.to_hidden")
         layers = [f"body.0.{j}" for j in range(_count(sd, r"body\.0\.(\d+)\.attn\.to_hidden"))]
         features = sd["upsampler.feature_conv.weight"].shape[0]
-        extra = dict(intermediate_dim=features)
+        extra = {"intermediate_dim": features}
         exp_ratio = sd["body.0.0.ffn.proj.weight"].shape[0] / dim
         scale = math.isqrt(sd["upsampler.up_conv.weight"].shape[0] // features)
     heads, ranks = _attention_shapes(sd, layers)

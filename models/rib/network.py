@@ -52,7 +52,7 @@ class RIBNetwork(nn.Module):
     def attention_modules(self) -> list[RIBAttention]:
         return [m for m in self.modules() if isinstance(m, RIBAttention)]
 
-    def set_attention(self, backend: str | RIBBackend, **options) -> "RIBNetwork":
+    def set_attention(self, backend: str | RIBBackend, **options) -> RIBNetwork:
         """Use ``backend`` (``sdpa``, ``naive``, ``concat``) in every attention layer."""
         for attn in self.attention_modules():
             attn.backend = make_rib_backend(backend, **options)
