@@ -29,13 +29,15 @@ own library folder first makes the stub load the matching libpython.
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +50,8 @@ from models.errors import ESCError
 from runtimes.base import Runner, load
 from runtimes.cli_args import non_negative_int, positive_int
 
-__all__ = ["INPUT", "MODEL_NAME", "OUTPUT", "RequestError", "ServeOptions", "check_request", "main",
-           "make_infer_fn", "serve", "stub_library_path"]
+__all__ = ["INPUT", "MODEL_NAME", "OUTPUT", "RequestError", "ServeOptions", "ServerProcess", "check_request",
+           "free_ports", "main", "make_infer_fn", "serve", "stub_library_path"]
 
 MODEL_NAME = "esc"
 INPUT = "lr"
@@ -58,7 +60,9 @@ OUTPUT = "sr"
 #: of float32 output, and ONNX Runtime's attention scores need several times that.
 DEFAULT_MAX_SIDE = 1024
 
-LOG = logging.getLogger("esc.serve")
+#: Printed once the model is loaded and the endpoints answer.
+READY_LINE = "ready; Ctrl-C or SIGTERM stops the server"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class RequestError(ValueError):
@@ -188,7 +192,7 @@ def _banner(runner: Runner, options: ServeOptions) -> str:
         f"  input {INPUT!r} FP32 N x 3 x H x W in [0, 1] (H, W <= {options.max_side}) -> "
         f"output {OUTPUT!r} FP32 N x 3 x {runner.scale}H x {runner.scale}W; {batching}",
         f"  client:  python -m runtimes.serve_client INPUT OUTPUT --url {urls['http']}",
-        "ready; Ctrl-C or SIGTERM stops the server",
+        READY_LINE,
     ])
 
 
@@ -226,6 +230,80 @@ def serve(runner: Runner, options: ServeOptions, stop: threading.Event) -> None:
             if not triton.is_alive():
                 raise ESCError("the Triton server stopped unexpectedly; see its log above")
     print("server stopped", flush=True)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports the OS just handed out on ``host`` (for tests and benchmarks)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class ServerProcess:
+    """``python -m runtimes.serve`` in a child process with its own process group.
+
+    Why a group: the server starts ``tritonserver``, which starts the Python-backend stub
+    and its helpers; :meth:`stop` checks (and, as a last resort, kills) the whole group,
+    so a test or benchmark never leaves any of them behind.
+    """
+
+    process: subprocess.Popen
+    options: ServeOptions
+    log: Path
+
+    @classmethod
+    def start(cls, artifact: str | os.PathLike[str], options: ServeOptions, log: Path,
+              extra_args: Sequence[str] = ()) -> "ServerProcess":
+        args = [sys.executable, "-m", "runtimes.serve", os.fspath(artifact), "--http-port", str(options.http_port),
+                "--grpc-port", str(options.grpc_port), "--metrics-port", str(options.metrics_port),
+                "--max-batch", str(options.max_batch), "--max-delay-us", str(options.max_delay_us),
+                "--max-side", str(options.max_side), *extra_args]
+        with open(log, "w") as sink:
+            process = subprocess.Popen(args, cwd=_REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        return cls(process, options, log)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        """Return once the server printed its ready line; raise with its log if it exits or hangs."""
+        deadline = time.monotonic() + timeout_s
+        while READY_LINE not in self.log.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                status = "exited" if self.process.poll() is not None else f"not ready after {timeout_s:.0f}s"
+                self.stop()
+                raise ESCError(f"the server {status}:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def group_alive(self) -> bool:
+        """Whether any process of the server's group (tritonserver, stubs) still runs."""
+        try:
+            os.killpg(self.process.pid, 0)
+        except (ProcessLookupError, PermissionError):  # PermissionError: the id was reused by someone else
+            return False
+        return True
+
+    def stop(self, timeout_s: float = 15) -> tuple[float, bool]:
+        """SIGTERM, then wait for the whole group; returns (seconds, whether SIGKILL was needed)."""
+        start = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout_s)
+        while self.group_alive() and time.monotonic() - start < timeout_s:
+            time.sleep(0.1)
+        killed = self.group_alive()
+        if killed:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+        return time.monotonic() - start, killed
 
 
 def _port(text: str) -> int:
