@@ -15,9 +15,11 @@ thread-safe); the server batches the equal-size requests that arrive together.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from runtimes.cli_args import non_negative_int, positive_int
 from runtimes.serve import INPUT, MODEL_NAME, OUTPUT
 from runtimes.upscale import UsageError, _plan, upscale_file
 
-__all__ = ["TritonRunner", "main", "server_message"]
+__all__ = ["TritonRunner", "main", "read_metric", "server_message"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Side of the blank image sent once to learn the server's upscaling factor.
@@ -51,6 +53,21 @@ def server_message(exc: Exception) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip() and not line.strip().startswith("At:")]
     lines = [line for line in lines if not line.startswith("/")]  # the stub's "At: <file>(line)" trailer
     return lines[-1] if lines else type(exc).__name__
+
+
+def read_metric(metrics_url: str, name: str, model: str = MODEL_NAME) -> float:
+    """One counter of ``model`` from a server's Prometheus endpoint (``http://HOST:PORT/metrics``).
+
+    Why the metrics port: PyTriton restricts Triton's statistics API to callers holding its
+    access token, while ``nv_inference_count`` / ``nv_inference_exec_count`` are public and
+    their ratio is the mean batch size the dynamic batcher formed.
+    """
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf'^{re.escape(name)}{{[^}}]*model="{re.escape(model)}"[^}}]*}} (\S+)$', text, re.MULTILINE)
+    if match is None:
+        raise RunnerError(f"{metrics_url} reports no {name} for model {model!r}")
+    return float(match.group(1))
 
 
 class TritonRunner(Runner):

@@ -12,12 +12,10 @@ process group), so no test leaves a server behind.
 from __future__ import annotations
 
 import dataclasses
-import re
 import socket
 import subprocess
 import sys
 import threading
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +34,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from runtimes import serve_client  # noqa: E402
 from runtimes.base import RunnerError, load  # noqa: E402
 from runtimes.serve import ServeOptions, ServerProcess, free_ports  # noqa: E402
-from runtimes.serve_client import TritonRunner  # noqa: E402
+from runtimes.serve_client import TritonRunner, read_metric  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_SIDE = 64
@@ -140,17 +138,11 @@ def test_concurrent_mixed_sizes_match_the_direct_runner(server: ServerProcess, r
             assert results[i].shape == expected[row:row + 1].shape
             np.testing.assert_allclose(results[i], expected[row:row + 1], rtol=0, atol=1e-5, err_msg=f"request {i}")
 
-    inferences, executions = metric(server, "nv_inference_count"), metric(server, "nv_inference_exec_count")
+    metrics = f"http://127.0.0.1:{server.options.metrics_port}/metrics"
+    inferences = read_metric(metrics, "nv_inference_count")
+    executions = read_metric(metrics, "nv_inference_exec_count")
     assert inferences >= 64 + 2  # + the two clients' scale probes
     assert executions < inferences, "no two requests were ever batched together"
-
-
-def metric(server: ServerProcess, name: str) -> float:
-    """A counter of model ``esc`` from the server's Prometheus endpoint."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.options.metrics_port}/metrics", timeout=10).read().decode()
-    match = re.search(rf'^{name}{{[^}}]*model="esc"[^}}]*}} (\S+)$', text, re.MULTILINE)
-    assert match, f"{name} not in the metrics:\n{text[:2000]}"
-    return float(match.group(1))
 
 
 def _send(client: Any, array: np.ndarray, dtype: str = "FP32") -> np.ndarray:
