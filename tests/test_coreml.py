@@ -266,6 +266,10 @@ def test_elementwise_and_shape_kernels():
     ln = _run_op("layer_norm", x=x.numpy(), axes=[1], epsilon=1e-6)
     ref = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-6)
     np.testing.assert_allclose(ln, ref.numpy(), atol=1e-5)
+    mean, var, gamma, beta = torch.randn(8), torch.rand(8) + 0.5, torch.randn(8), torch.randn(8)
+    np.testing.assert_allclose(_run_op("batch_norm", x=x.numpy(), mean=mean.numpy(), variance=var.numpy(),
+                                       gamma=gamma.numpy(), beta=beta.numpy(), epsilon=1e-5),
+                               torch.nn.functional.batch_norm(x, mean, var, gamma, beta, eps=1e-5).numpy(), atol=1e-5)
     got = _run_op("slice_by_index", x=x.numpy(), begin=[0, 1, 0, -4], end=[0, 7, 5, 0], stride=[1, 2, 1, 1],
                   begin_mask=[False, False, True, False], end_mask=[True, False, False, True],
                   squeeze_mask=[False, False, False, False])

@@ -1,6 +1,9 @@
 """Op kernels of the Core ML interpreter: arithmetic, activations, reductions, normalisation,
 matmul and attention, convolution.
 
+``batch_norm`` appears only in the full-size golden packages (not in the tiny test
+models); the real-package parity tests and a kernel test cover it.
+
 Exactly the ops that the exported ESC packages (esc, esc_light, esc_fp, esc_real at every
 target, precision, shape mode, compression and image I/O) contain, plus the ones
 :mod:`tests.test_coreml` checks against torch: an op no exported graph uses is not kept
@@ -9,7 +12,7 @@ here untested. Values arrive as float32 (fp16 rounding is the interpreter's job)
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -187,6 +190,23 @@ def _layer_norm(c: Call) -> np.ndarray:
         y = y * np.asarray(c("gamma")).reshape(bshape)
     if c.has("beta") and c("beta") is not None:
         y = y + np.asarray(c("beta")).reshape(bshape)
+    return y
+
+
+def _channel_shape(v: Any, rank: int) -> np.ndarray:
+    return np.asarray(v).reshape((1, -1) + (1,) * (rank - 2))
+
+
+@kernel("batch_norm")
+def _batch_norm(c: Call) -> np.ndarray:
+    x = as_f32(c.x())
+    mean = _channel_shape(c("mean"), x.ndim)
+    var = _channel_shape(c("variance"), x.ndim)
+    y = (x - mean) / np.sqrt(var + c.float("epsilon", 1e-5))
+    if c("gamma") is not None:
+        y = y * _channel_shape(c("gamma"), x.ndim)
+    if c("beta") is not None:
+        y = y + _channel_shape(c("beta"), x.ndim)
     return y
 
 
