@@ -53,11 +53,14 @@ Pipeline (each step is a function below; :func:`export_onnx` runs them in order)
    parity check: ONNX Runtime CPU runs the graph before and after on a random input of a
    size the trace never saw; if the outputs differ by more than ``SIMPLIFY_ATOL``
    (1e-5 for fp32) the unsimplified graph is kept and the report says why.
-   An export whose parity before simplification exceeds ``PARITY_LIMIT`` (1e-3 fp32,
-   5e-2 fp16) raises :class:`OnnxExportError` and writes nothing.
+   An export whose parity before simplification fails the one threshold table
+   (:func:`validation.compare.threshold_for`: fp32 max abs 1e-4; fp16 2e-2 and 50 dB)
+   raises :class:`OnnxExportError` and writes nothing.
 6. **finish**: IR version 10 (onnx 1.23 writes 14; onnxruntime 1.31 reads at most 13),
-   ``esc.*`` metadata, ``onnx.checker.check_model(full_check=True)``, an atomic write
-   (external data above 1.9 GB).
+   ``esc.*`` metadata (:class:`runtimes.metadata.ArtifactMetadata`),
+   ``onnx.checker.check_model(full_check=True)``, then an atomic write (external data
+   above 1.9 GB): the temporary file is loaded through ``runtimes.load`` and checked
+   against the same table (:func:`export.verify.verify_artifact`) before it takes its name.
 """
 from __future__ import annotations
 
@@ -78,7 +81,11 @@ import torch
 
 from models.errors import ESCError
 
-from .common import atomic_output, format_summary, human_size, toolkit_version
+from runtimes.metadata import ArtifactMetadata, write_onnx_metadata
+from validation.compare import ComparisonResult, compare, threshold_for
+
+from .common import atomic_output, format_summary, human_size
+from .verify import verify_artifact
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -94,15 +101,15 @@ NATIVE_ATTENTION_OPSET = 23
 EXPORTABLE_ATTENTION = ("sdpa", "naive", "flashbias")
 PRECISIONS = ("fp32", "fp16")
 # Largest change simplification may make to the outputs (ONNX Runtime, before vs after).
+# Not a parity threshold (artifact vs PyTorch: validation.compare.THRESHOLDS is the one
+# table for those) but a bound on a graph rewrite that must not change the arithmetic,
+# hence 10x tighter than the table's fp32 entry: a rewrite bug shows here first.
 # fp16: 8 units in the last place at 1.0 (2**-10 each). ONNX Runtime's CPU runs an fp16
 # graph by inserting Casts to fp32 around kernels it only has in fp32, so merely removing
 # a Reshape moves where values are rounded to fp16: onnxslim's shape-only edits changed
 # esc_light's fp16 outputs by 2 ulps (1.95e-3) with identical arithmetic. A real
 # simplification bug moves outputs by orders of magnitude more.
 SIMPLIFY_ATOL = {"fp32": 1e-5, "fp16": 8 * 2.0 ** -10}
-# An export whose ONNX Runtime output is further than this from PyTorch (fp32 reference,
-# relative to the output's magnitude when above 1) is an error and is not written.
-PARITY_LIMIT = {"fp32": 1e-3, "fp16": 5e-2}
 # Constant folding leaves tensors above this many bytes computed in the graph.
 FOLD_LIMIT_BYTES = 1 << 20
 EXTERNAL_DATA_THRESHOLD = int(1.9 * 2**30)
@@ -278,7 +285,10 @@ def trace_model(model: "ESCBase", precision: str = "fp32", shape: Shape | str = 
         raise OnnxExportError(f"precision must be fp32 or fp16, got {precision!r}")
     shape, batch = parse_shape(shape), parse_batch(batch)
     reference = prepare_for_export(model)
-    traced = copy.deepcopy(reference).half() if precision == "fp16" else reference
+    # The traced model is a copy of the reference: its precision and kernel form change,
+    # while the reference stays the exact fp32 model the parity checks compare against.
+    traced = copy.deepcopy(reference) if precision == "fp16" or compact_dynamic_kernel else reference
+    traced = traced.half() if precision == "fp16" else traced
     dtype = torch.float16 if precision == "fp16" else torch.float32
     window = reference.config.window_size
     h, w = example_size(window) if shape == "dynamic" else shape
@@ -294,7 +304,7 @@ def trace_model(model: "ESCBase", precision: str = "fp32", shape: Shape | str = 
         progress(f"tracing with torch.export ({'x'.join(_dim_words(shape, batch))}, {precision})")
     start = time.perf_counter()
     if compact_dynamic_kernel:
-        traced.set_dynamic_kernel_form("conv")   # traced is always a copy (prepare_for_export)
+        traced.set_dynamic_kernel_form("conv")
     with _export_context(), _backed_size_oblivious():
         try:
             program = torch.export.export(traced, (example,), dynamic_shapes=(dims,) if dims else None,
@@ -502,9 +512,10 @@ def simplify_checked(proto: "onnx.ModelProto", probe: torch.Tensor, before: np.n
         return SimplifyResult(proto, False, f"kept unsimplified: onnxslim failed ({type(exc).__name__}: {exc})",
                               None, None, {}, {})
     after = run_onnx(slim, probe)
-    delta = float(np.abs(after - before).max()) if after.shape == before.shape else math.inf
     tol = SIMPLIFY_ATOL[precision]
-    if not delta <= tol:
+    check = compare(before, after, atol=tol, name="onnxslim before vs after")
+    delta = check.max_abs if check.shape_ok else math.inf
+    if not check.passed:
         return SimplifyResult(proto, False, f"kept unsimplified: onnxslim changed the outputs by {delta:.2e} > "
                                             f"{tol:.0e} (ONNX Runtime, before vs after)", delta, after, {}, {})
     h0, h1 = op_histogram(proto), op_histogram(slim)
@@ -548,6 +559,7 @@ class ExportReport:
     simplify_delta: float | None        # max |after - before| in ONNX Runtime
     external_data: bool
     seconds: dict[str, float]
+    verified: ComparisonResult | None = None   # the written file, loaded through runtimes.load, vs PyTorch
     trace: Trace | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -587,6 +599,7 @@ class ExportReport:
             ("top ops", top),
             ("attention", self.attention_form()),
             ("parity", f"ONNX Runtime CPU vs PyTorch fp32 on {probe}: {parity}"),
+            ("verified", self.verified.summary() if self.verified else "not verified"),
             ("time", secs),
             ("use", f"python -m runtimes.upscale INPUT OUTPUT --artifact {self.path}"),
         ]
@@ -654,12 +667,7 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
     parity_before = float(np.abs(before - expected).max())
     nodes_exported = len(proto.graph.node)
     seconds["parity"] = time.perf_counter() - start
-    limit = PARITY_LIMIT[precision] * max(1.0, float(np.abs(expected).max()))
-    if not parity_before <= limit:   # also catches NaN
-        raise OnnxExportError(
-            f"the exported graph does not reproduce the PyTorch model: max abs error {parity_before:.3g} > "
-            f"{limit:.3g} on a random {'x'.join(map(str, probe.shape))} input (ONNX Runtime CPU); nothing was "
-            f"written. This is an exporter bug: please report it with the command line.")
+    _check_parity(expected, before, precision, probe)
 
     final, simplified, note = proto, False, "not simplified (--no-simplify)"
     parity_after = delta = None
@@ -678,38 +686,27 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
             warnings.warn(f"error: {note}", RuntimeWarning, stacklevel=2)
         seconds["simplify"] = time.perf_counter() - start
 
-    sha = weights_sha256 or "random"
-    metadata = {
-        "esc.variant": desc.variant,
-        "esc.arch": reference.config.arch,
-        "esc.scale": str(desc.scale),
-        "esc.window_size": str(desc.window_size),
-        "esc.input_multiple": str(desc.input_multiple),
-        "esc.attention": desc.attention,
-        "esc.opset": str(opset),
-        "esc.precision": precision,
-        "esc.io_dtype": "float32" if io_fp32 else "float16",
-        "esc.weights_sha256": sha,
-        "esc.toolkit_version": toolkit_version(),
-        "esc.shape": shape_label(shape),
-        "esc.batch": "dynamic" if batch == "dynamic" else str(batch),
-        "esc.params": str(desc.params),
-        "esc.exact_variant": str(desc.exact_variant).lower(),
-    }
+    meta = ArtifactMetadata.from_model(
+        reference, weights_sha256, opset=opset, precision=precision, io_dtype="float32" if io_fp32 else "float16",
+        shape=shape_label(shape), batch="dynamic" if batch == "dynamic" else str(batch))
+    if progress:
+        progress("writing, then verifying the file through runtimes.load")
     start = time.perf_counter()
-    final = _finish(final, metadata)
+    final = _finish(final, meta)
     external = _proto_bytes(final) > EXTERNAL_DATA_THRESHOLD
-    _save(final, path, external)
-    seconds["check+save"] = time.perf_counter() - start
+    reference_out = torch.from_numpy(expected)
+    verified = _save(final, path, external,
+                     lambda tmp: verify_artifact(tmp, [reference_out], [probe], precision)[0])
+    seconds["check+save+verify"] = time.perf_counter() - start
     size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if external else 0)
     return ExportReport(
         path=path, size_bytes=size, opset=opset, ir_version=final.ir_version, precision=precision,
-        io_dtype=metadata["esc.io_dtype"], shape=metadata["esc.shape"], batch=metadata["esc.batch"],
-        variant=desc.variant, scale=desc.scale, attention=desc.attention, weights_sha256=sha, metadata=metadata,
+        io_dtype=meta.io_dtype, shape=meta.shape, batch=meta.batch, variant=desc.variant, scale=desc.scale,
+        attention=desc.attention, weights_sha256=meta.weights_sha256, metadata=meta.to_props(),
         nodes_exported=nodes_exported, nodes=len(final.graph.node), histogram=op_histogram(final),
         removed_ops=removed, added_ops=added, simplified=simplified, simplify_note=note,
         probe_shape=tuple(probe.shape), parity_before=parity_before, parity_after=parity_after,
-        simplify_delta=delta, external_data=external, seconds=seconds, trace=trace)
+        simplify_delta=delta, external_data=external, seconds=seconds, verified=verified, trace=trace)
 
 
 def _proto_bytes(proto: "onnx.ModelProto") -> int:
@@ -720,25 +717,44 @@ def _proto_bytes(proto: "onnx.ModelProto") -> int:
         return 2**31
 
 
-def _finish(proto: "onnx.ModelProto", metadata: dict[str, str]) -> "onnx.ModelProto":
+def _finish(proto: "onnx.ModelProto", meta: ArtifactMetadata) -> "onnx.ModelProto":
     import onnx
 
     proto.ir_version = IR_VERSION
     proto.producer_name = "esc-deploy"
-    proto.producer_version = toolkit_version()
-    proto.doc_string = (f"ESC {metadata['esc.variant']} x{metadata['esc.scale']} super-resolution: "
+    proto.producer_version = meta.toolkit_version or ""
+    proto.doc_string = (f"ESC {meta.variant} x{meta.scale} super-resolution: "
                         f"input '{INPUT_NAME}' (N, 3, H, W) RGB in [0, 1], output '{OUTPUT_NAME}' "
-                        f"(N, 3, {metadata['esc.scale']}H, {metadata['esc.scale']}W).")
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+                        f"(N, 3, {meta.scale}H, {meta.scale}W).")
+    write_onnx_metadata(proto, meta)
     if _proto_bytes(proto) < EXTERNAL_DATA_THRESHOLD:   # larger ones are checked from disk by _save
         onnx.checker.check_model(proto, full_check=True)
     return proto
 
 
-def _save(proto: "onnx.ModelProto", path: Path, external: bool) -> None:
+def _check_parity(expected: np.ndarray, got: np.ndarray, precision: str, probe: torch.Tensor) -> None:
+    """Refuse a translated graph that does not reproduce PyTorch (the one threshold table).
+
+    Checked in memory, before onnxslim and before anything is written, so a translation
+    bug fails fast; the written file is verified again through ``runtimes.load``.
+    Both sides are clamped to [0, 1], what a picture keeps, as :func:`export.verify.verify_artifact` does.
+    """
+    limit = threshold_for(precision)
+    result = compare(np.clip(expected, 0, 1), np.clip(got, 0, 1), atol=limit.atol, min_psnr=limit.min_psnr,
+                     name=f"random {'x'.join(map(str, probe.shape))} input")
+    if not result.passed:
+        raise OnnxExportError(
+            f"the exported graph does not reproduce the PyTorch model at {precision} ({limit.describe()}): "
+            f"{result.summary()} (ONNX Runtime CPU); nothing was written. This is an exporter bug: please "
+            f"report it with the command line.")
+
+
+def _save(proto: "onnx.ModelProto", path: Path, external: bool,
+          verify: Callable[[Path], ComparisonResult] | None = None) -> ComparisonResult | None:
+    """Write ``proto`` atomically; ``verify(temporary_path)`` runs before the file takes its name.
+
+    A ``verify`` that raises (:class:`export.verify.ExportParityError`) leaves nothing behind.
+    """
     import onnx
 
     with atomic_output(path) as tmp:
@@ -748,3 +764,4 @@ def _save(proto: "onnx.ModelProto", path: Path, external: bool) -> None:
             onnx.checker.check_model(str(tmp), full_check=True)
         else:
             onnx.save_model(proto, str(tmp))
+        return verify(tmp) if verify is not None else None

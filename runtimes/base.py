@@ -12,6 +12,9 @@ TensorRT engines, Core ML packages, OpenVINO) is one :class:`Runner` subclass th
   (fp16 weights or fp16 graph inputs) and static batch sizes are the runner's business,
   never the caller's.  The public :meth:`Runner.infer` (input checks, timing, output
   shape check) is written once in the base class, as Polygraphy's ``infer``/``infer_impl``;
+* may override two hooks instead of the shared methods: :meth:`Runner.check_size` (which
+  call sizes the artifact accepts: a TensorRT profile, Core ML enumerated shapes) and
+  :meth:`Runner.default_tile` (tiles :meth:`Runner.upscale` uses when none is asked for);
 * reports what actually ran through :meth:`Runner.describe` (runtime and version, the
   device / execution provider really used, precision, attention form, variant).
 

@@ -52,6 +52,25 @@ def golden_dir(shared_dir: Path) -> Path:
     return require_path(shared_dir / "golden")
 
 
+#: The cheapest golden model: the one runner and parity tests run for real.
+GOLDEN_CASE = "esc_light_x4_35x35_b1"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(golden_dir: Path) -> Path:
+    """The golden esc_light x4 checkpoint."""
+    return golden_dir / f"{GOLDEN_CASE}.pth"
+
+
+@pytest.fixture(scope="module")
+def golden_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden model exported once per test session (every module that asks shares the file)."""
+    path = tmp_path_factory.getbasetemp() / f"{GOLDEN_CASE}.onnx"
+    if not path.exists():
+        export_esc_onnx(checkpoint, path)
+    return path
+
+
 def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
     """Dynamic-shape fp32 opset-18 ONNX of a checkpoint, through the toolkit's own exporter."""
     from export.onnx_export import export_onnx

@@ -104,6 +104,7 @@ class Exports:
         self.background = background
         self.reports: dict[tuple[str, int], ox.ExportReport] = {}
         self.models: dict[str, torch.nn.Module] = {}
+        self.before_export: dict[str, dict] = {}    # each model's state when loaded
 
     def cli_path(self, name: str) -> Path:
         return self.out_dir / f"cli_{name}.onnx"
@@ -113,6 +114,7 @@ class Exports:
 
         if name not in self.models:
             self.models[name] = load_model(GOLDEN / f"{name}.pth", attention="sdpa")
+            self.before_export[name] = _model_state(self.models[name])
         return self.models[name]
 
     def submit_cli(self, name: str) -> None:
@@ -163,6 +165,13 @@ def exports(request, tmp_path_factory) -> Exports:
 @pytest.fixture(autouse=True, scope="module")
 def _start_background(exports):
     """Start the background CLI exports with the module's first test."""
+
+
+def _model_state(model: torch.nn.Module) -> dict:
+    """What an exporter must leave alone: weights and buffers, attention, kernel form, caches, mode."""
+    return {"tensors": {k: v.clone() for k, v in model.state_dict().items()}, "attention": model.attention,
+            "form": model.dynamic_kernel_form, "training": model.training,
+            "caches": [attn.cached_bias is not None for attn in model.attention_modules()]}
 
 
 def _golden_io(name: str) -> dict[str, torch.Tensor]:
@@ -228,6 +237,21 @@ def test_fp16_with_fp32_io(exports: Exports) -> None:
           f"simplified: {report.simplify_note}")
     assert err.max() <= FP16_MAX_ABS and err.mean() <= FP16_MEAN_ABS
     assert report.parity <= FP16_MAX_ABS
+
+
+def test_export_leaves_the_callers_model_alone(exports: Exports) -> None:
+    """fp32 and fp16 exports (both copy, deploy, retarget the kernel form, .half()) of one model."""
+    if FP16_CASE not in CASES:
+        pytest.skip(f"no golden case {FP16_CASE}")
+    exports.report(FP16_CASE, 18, precision="fp16")
+    exports.report(FP16_CASE, 18)
+    model, before = exports.model(FP16_CASE), exports.before_export[FP16_CASE]
+    after = _model_state(model)
+    assert {k: v for k, v in after.items() if k != "tensors"} == {k: v for k, v in before.items() if k != "tensors"}
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, tensor in before["tensors"].items():
+        assert after["tensors"][key].dtype == tensor.dtype and torch.equal(after["tensors"][key], tensor), key
+    assert before["form"] != "conv" and before["attention"] == "sdpa"
 
 
 # -- golden cases ------------------------------------------------------------------------------------

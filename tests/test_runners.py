@@ -21,10 +21,10 @@ from runtimes.base import Runner, RunnerError, load, register_runner, runner_cla
 from runtimes.onnx_runner import SESSION_OPTIONS_HOOKS, OnnxModelInfo, OnnxRunner, add_session_options_hook
 from runtimes.tiling import _plan_axis
 from runtimes.torch_runner import TorchRunner
-from conftest import export_esc_onnx
+from conftest import GOLDEN_CASE
 from validation.compare import compare
 
-GOLDEN = "esc_light_x4_35x35_b1"
+GOLDEN = GOLDEN_CASE
 
 def toy_onnx(path: Path, *, shape=("b", 3, "h", "w"), dtype=TensorProto.FLOAT, scale: int = 2,
              metadata: dict[str, str] | None = None, custom_domain: str | None = None) -> Path:
@@ -67,22 +67,8 @@ class ConvUpscaler(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(golden_dir: Path) -> Path:
-    return golden_dir / f"{GOLDEN}.pth"
-
-
-@pytest.fixture(scope="module")
 def torch_runner(checkpoint: Path) -> TorchRunner:
     return load(checkpoint, threads=2)  # type: ignore[return-value]
-
-
-@pytest.fixture(scope="module")
-def golden_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The golden model exported once per test session (shared with test_parity via the cache)."""
-    path = tmp_path_factory.getbasetemp() / f"{GOLDEN}.onnx"
-    if not path.exists():
-        export_esc_onnx(checkpoint, path)
-    return path
 
 
 def lr_crop(h: int, w: int, batch: int = 1) -> torch.Tensor:
