@@ -220,8 +220,8 @@ def serve(runner: Runner, options: ServeOptions, stop: threading.Event) -> None:
         grpc_port=options.grpc_port, metrics_address=options.host, metrics_port=options.metrics_port,
         exit_timeout_secs=5)
     with triton_module.Triton(config=config) as triton:
-        _bind(triton, runner, options)
         try:
+            _bind(triton, runner, options)
             triton.run()
         except PyTritonError as exc:
             raise ESCError(f"Triton Inference Server did not start: {exc.message}") from None
@@ -326,9 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                "then:    python -m runtimes.serve_client photos/ out/ --url http://127.0.0.1:8000 --concurrency 4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", help="model.onnx (ONNX Runtime), openvino:model.onnx, a checkpoint or an engine")
-    parser.add_argument("--http-port", type=_port, default=defaults.http_port)
-    parser.add_argument("--grpc-port", type=_port, default=defaults.grpc_port)
-    parser.add_argument("--metrics-port", type=_port, default=defaults.metrics_port)
+    parser.add_argument("--http-port", type=_port, default=defaults.http_port,
+                        help=f"HTTP/REST port on 127.0.0.1 (default {defaults.http_port})")
+    parser.add_argument("--grpc-port", type=_port, default=defaults.grpc_port,
+                        help=f"gRPC port on 127.0.0.1 (default {defaults.grpc_port})")
+    parser.add_argument("--metrics-port", type=_port, default=defaults.metrics_port,
+                        help=f"Prometheus metrics port on 127.0.0.1 (default {defaults.metrics_port})")
     parser.add_argument("--max-batch", type=positive_int, default=defaults.max_batch,
                         help=f"largest batch the dynamic batcher forms (default {defaults.max_batch}; 1 = no batching)")
     parser.add_argument("--max-delay-us", type=non_negative_int, default=defaults.max_delay_us,
@@ -348,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --http-port, --grpc-port and --metrics-port must differ", file=sys.stderr)
         return 2
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         _pytriton()
         with load(args.artifact, device=args.device, **({"threads": args.threads} if args.threads else {})) as runner:
@@ -357,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except ESCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:  # main() may run inside another program (tests): give its handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -31,7 +31,7 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[all] is not instal
 import tritonclient.http as triton_http  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from runtimes import serve_client  # noqa: E402
+from runtimes import serve, serve_client  # noqa: E402
 from runtimes.base import RunnerError, load  # noqa: E402
 from runtimes.serve import ServeOptions, ServerProcess, free_ports  # noqa: E402
 from runtimes.serve_client import TritonRunner, read_metric  # noqa: E402
@@ -101,18 +101,30 @@ def runner(artifact: Path) -> Iterator[Any]:
         yield direct
 
 
+def size_of(request: int) -> tuple[int, int]:
+    """Request ``w * 8 + k`` (wave w, client k): six clients share one size per wave, two another.
+
+    So every wave has equal-size requests in flight together (the batcher can merge them)
+    and a different size among them (it must not).
+    """
+    wave, client = divmod(request, 8)
+    return SIZES[(wave + (client >= 6)) % len(SIZES)]
+
+
 def test_concurrent_mixed_sizes_match_the_direct_runner(server: ServerProcess, runner: Any) -> None:
     rng = np.random.default_rng(0)
-    images = [rng.random((1, 3, *SIZES[i % len(SIZES)]), dtype=np.float32) for i in range(64)]
+    images = [rng.random((1, 3, *size_of(i)), dtype=np.float32) for i in range(64)]
     results: dict[int, np.ndarray] = {}
     errors: list[str] = []
     lock = threading.Lock()
+    wave_start = threading.Barrier(8, timeout=120)
     clients = [TritonRunner(url(server, "http")), TritonRunner(url(server, "grpc"))]
     assert all(c.scale == 2 for c in clients)
 
     def worker(k: int) -> None:
         client = clients[k % 2]  # 4 threads over HTTP, 4 over gRPC; each thread has its own connection
         for i in range(k, 64, 8):
+            wave_start.wait()
             try:
                 out = client.infer(torch.from_numpy(images[i])).numpy()
             except Exception as exc:  # collected and reported below: a thread must not die silently
@@ -131,8 +143,10 @@ def test_concurrent_mixed_sizes_match_the_direct_runner(server: ServerProcess, r
         c.close()
     assert not errors, errors
     assert sorted(results) == list(range(64)), "some requests got no answer"
-    for size in range(len(SIZES)):  # the direct runner, one call per size (batching is exact to 1e-5 too)
-        ids = list(range(size, 64, len(SIZES)))
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i in range(64):
+        by_size.setdefault(size_of(i), []).append(i)
+    for ids in by_size.values():  # the direct runner, one call per size (batching is exact to 1e-5 too)
         expected = runner.infer(torch.from_numpy(np.concatenate([images[i] for i in ids]))).numpy()
         for row, i in enumerate(ids):
             assert results[i].shape == expected[row:row + 1].shape
@@ -201,6 +215,20 @@ def test_client_names_a_missing_server(tmp_path: Path, capsys: pytest.CaptureFix
     status = serve_client.main([str(tmp_path / "x.png"), str(tmp_path / "y.png"),
                                 "--url", f"http://127.0.0.1:{port}", "--timeout", "1"])
     assert status == 2 and "no Triton server answers" in capsys.readouterr().err
+
+
+def test_server_command_errors(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = str(busy.getsockname()[1])
+        assert serve.main([str(artifact), "--http-port", taken, *(f"--{p}-port={q}" for p, q in
+                                                                zip(("grpc", "metrics"), free_ports(2)))]) == 2
+        assert f"--http-port {taken} on 127.0.0.1 is not available" in capsys.readouterr().err
+    assert serve.main([str(artifact), "--http-port", "9000", "--grpc-port", "9000"]) == 2
+    assert "must differ" in capsys.readouterr().err
+    assert serve.main([str(artifact.with_name("missing.onnx"))]) == 2
+    assert "no such artifact" in capsys.readouterr().err
 
 
 def test_sigterm_stops_the_server_and_everything_it_started(server: ServerProcess) -> None:
