@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -115,11 +116,14 @@ class InferTimings:
     count: int = 0
     total_s: float = 0.0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, seconds: float) -> None:
-        self.count += 1
-        self.total_s += seconds
-        self.recent.append(seconds)
+        """Add one call (thread-safe: a served runner is called from several threads)."""
+        with self._lock:
+            self.count += 1
+            self.total_s += seconds
+            self.recent.append(seconds)
 
     @property
     def last_s(self) -> float | None:
@@ -132,8 +136,9 @@ class InferTimings:
 
     def reset(self) -> None:
         """Forget every call (e.g. after warm-up)."""
-        self.count, self.total_s = 0, 0.0
-        self.recent.clear()
+        with self._lock:
+            self.count, self.total_s = 0, 0.0
+            self.recent.clear()
 
 
 class Runner(ABC):
@@ -234,9 +239,9 @@ class Runner(ABC):
     @property
     def timings(self) -> InferTimings:
         """Timing of every :meth:`infer` call (see :class:`InferTimings`)."""
-        if "_timings" not in self.__dict__:
-            self._timings = InferTimings()
-        return self._timings
+        timings = self.__dict__.get("_timings")
+        # dict.setdefault is atomic, so two threads' first calls share one object
+        return timings if timings is not None else self.__dict__.setdefault("_timings", InferTimings())
 
     @torch.no_grad()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
