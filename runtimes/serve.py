@@ -15,9 +15,13 @@ The model is ``esc``: input ``lr`` FP32 ``N x 3 x H x W`` in [0, 1], output ``sr
 images, waiting at most ``--max-delay-us`` for company; ``--max-batch 1`` turns batching off.
 
 Bad requests never take the server down.  Triton itself refuses a wrong dtype, rank or
-channel count against the declared input; empty and oversized images are refused here
-(:func:`check_request`) with a :class:`RequestError` whose message names the problem.  That
-error fails only the execution it belongs to; the next request is served normally.
+channel count against the declared input, and an empty batch (byte size mismatch); an
+image with zero height or width is refused by PyTriton's shared-memory layer before it
+reaches this process ("memoryview: cannot cast view with zeros in shape"); oversized images
+are refused here (:func:`check_request`) with a :class:`RequestError` whose message names
+the problem and the fix.  Any of these fails only the execution it belongs to (Triton
+batches only equal shapes, so a bad shape never shares an execution with a good one); the
+next request is served normally.
 
 Why LD_LIBRARY_PATH is set (:func:`stub_library_path`): the Python-backend stub PyTriton
 ships for this Python version links ``libpython3.X.so.1.0`` and, without help, the loader
@@ -214,7 +218,9 @@ def serve(runner: Runner, options: ServeOptions, stop: threading.Event) -> None:
     from pytriton.exceptions import PyTritonError
 
     check_ports_free(options)
-    stub_library_path()
+    if stub_library_path() is None:
+        print("warning: this Python has no shared libpython; the Python-backend stub will load the system's, "
+              "which may not match it (model initialisation then fails)", file=sys.stderr)
     config = triton_module.TritonConfig(
         http_address=options.host, http_port=options.http_port, grpc_address=options.host,
         grpc_port=options.grpc_port, metrics_address=options.host, metrics_port=options.metrics_port,

@@ -32,7 +32,7 @@ import tritonclient.http as triton_http  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from runtimes import serve, serve_client  # noqa: E402
-from runtimes.base import RunnerError, load  # noqa: E402
+from runtimes.base import Runner, RunnerError, load  # noqa: E402
 from runtimes.serve import ServeOptions, ServerProcess, free_ports  # noqa: E402
 from runtimes.serve_client import TritonRunner, read_metric  # noqa: E402
 
@@ -232,7 +232,7 @@ def test_server_command_errors(artifact: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_sigterm_stops_the_server_and_everything_it_started(server: ServerProcess) -> None:
-    """Last in the module: the other tests use the running server."""
+    """The last test that uses the server: the ones above need it running."""
     assert server.process.poll() is None, server.log_tail()
     seconds, killed = server.stop(STOP_TIMEOUT_S)
     assert not killed, f"tritonserver or a backend stub outlived the server ({seconds:.1f}s):\n{server.log_tail()}"
@@ -240,3 +240,38 @@ def test_sigterm_stops_the_server_and_everything_it_started(server: ServerProces
     ports = (server.options.http_port, server.options.grpc_port, server.options.metrics_port)
     assert not any(port_open(port) for port in ports)
     assert "server stopped" in server.log.read_text()
+
+
+class _Nearest(Runner):
+    """A x2 nearest-neighbour 'model' that records the batches it was given."""
+
+    name, artifact, scale, input_multiple, fixed_shape, precision, device = "nearest", "-", 2, 1, None, "fp32", "cpu"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(batch.shape))
+        return batch.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+def test_infer_fn_groups_equal_shapes_and_keeps_the_order() -> None:
+    model = _Nearest()
+    infer = serve.make_infer_fn(model, max_side=64)
+    arrays = [np.full((n, 3, h, w), i, np.float32) for i, (n, h, w) in enumerate([(1, 4, 5), (2, 6, 6), (1, 4, 5)])]
+    answers = infer([{"lr": a} for a in arrays])
+    assert sorted(model.calls) == [(2, 3, 4, 5), (2, 3, 6, 6)]  # the two 4x5 requests ran as one batch
+    for array, answer in zip(arrays, answers):
+        np.testing.assert_array_equal(answer["sr"], array.repeat(2, axis=2).repeat(2, axis=3))
+    with pytest.raises(serve.RequestError, match="limit of 64 pixels"):
+        infer([{"lr": np.zeros((1, 3, 65, 2), np.float32)}])
+
+
+def test_stub_library_path_puts_this_pythons_libdir_first() -> None:
+    import sysconfig
+
+    env = {"LD_LIBRARY_PATH": f"/somewhere:{sysconfig.get_config_var('LIBDIR')}"}
+    libdir = serve.stub_library_path(env)
+    if libdir is None:
+        pytest.skip("this Python has no shared libpython")
+    assert env["LD_LIBRARY_PATH"] == f"{libdir}:/somewhere"
