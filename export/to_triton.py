@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 
 from export import common  # noqa: E402
 from export.triton_repo import EngineInfo, RepoOptions, engine_max_batch, write_repository  # noqa: E402
+from runtimes.cli_args import non_negative_int, positive_int  # noqa: E402
 
 #: The NGC release whose Triton (2.51) PyTriton 0.7 bundles; a TensorRT plan must be built with
 #: the TensorRT of the container that serves it, so pass --container for yours.
@@ -52,18 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("model_repository"),
                    help="repository folder (default model_repository; created if missing)")
     p.add_argument("--name", default=defaults.name, help=f"model name (default {defaults.name})")
-    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
+    p.add_argument("--max-batch", type=positive_int, default=defaults.max_batch,
                    help=f"max_batch_size (default {defaults.max_batch}; capped by a TensorRT profile)")
     p.add_argument("--preferred", type=_batch_sizes, default=defaults.preferred,
                    help="preferred batch sizes of the dynamic batcher (default 4,8)")
-    p.add_argument("--delay-us", type=int, default=defaults.delay_us,
+    p.add_argument("--delay-us", type=non_negative_int, default=defaults.delay_us,
                    help=f"max_queue_delay_microseconds (default {defaults.delay_us})")
-    p.add_argument("--instances", type=int, default=defaults.instances,
+    p.add_argument("--instances", type=positive_int, default=defaults.instances,
                    help="model instances (replicas) per server (default 1)")
     p.add_argument("--kind", choices=("auto", "cpu", "gpu"), default=defaults.kind,
                    help="instance kind (default auto: CPU for ONNX, GPU for TensorRT)")
-    p.add_argument("--overlap", type=int, default=defaults.overlap,
+    p.add_argument("--overlap", type=non_negative_int, default=defaults.overlap,
                    help=f"tiler context pixels for fixed-shape artifacts (default {defaults.overlap})")
+    p.add_argument("--max-side", type=positive_int, default=defaults.max_side,
+                   help=f"the tiler refuses larger images (default {defaults.max_side})")
     p.add_argument("--container", default=DEFAULT_CONTAINER, help=f"image in the printed command "
                                                                    f"(default {DEFAULT_CONTAINER})")
     return p
@@ -87,7 +90,7 @@ def _batching(info: EngineInfo, options: RepoOptions) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = RepoOptions(name=args.name, max_batch=args.max_batch, preferred=args.preferred, delay_us=args.delay_us,
-                          instances=args.instances, kind=args.kind, overlap=args.overlap)
+                          instances=args.instances, kind=args.kind, overlap=args.overlap, max_side=args.max_side)
     info, written = write_repository(args.artifact, args.output, options)
     shape = f"fixed {info.fixed_shape[1]}x{info.fixed_shape[0]}" if info.fixed_shape else "any HxW (-1)"
     entry_name = f"{args.name}_tiled" if info.fixed_shape else args.name
