@@ -4,14 +4,20 @@ The configs are parsed with ``model_config_pb2`` as tritonclient ships it (the s
 Triton itself loads), so a misspelt field or a wrong enum fails here.  The artifacts are
 tiny hand-built ONNX graphs (nearest x2 resize with ``esc.*`` metadata): what is tested is
 the repository, not the model.  The tiler of fixed-shape engines is run on numpy with a
-nearest-neighbour "engine", whose exact output any correct tiling must reproduce.
+nearest-neighbour "engine", whose exact output any correct tiling must reproduce, and once
+inside a real tritonserver (the one PyTriton bundles) talking to its engine through BLS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -229,3 +235,98 @@ def test_parameters_escape_quotes(pb: Any) -> None:
 
     config = text_format.Parse(text, pb.ModelConfig())
     assert config.parameters["esc.note"].string_value == 'say "hi" \\ bye'
+
+
+NEAREST_ENGINE = '''
+import triton_python_backend_utils as pb
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        arrays = [pb.get_input_tensor_by_name(r, "lr").as_numpy() for r in requests]
+        return [pb.InferenceResponse(output_tensors=[pb.Tensor("sr", a.repeat(2, axis=2).repeat(2, axis=3))])
+                for a in arrays]
+'''
+
+
+def bundled_tritonserver(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """PyTriton's own tritonserver, a backend folder with the stub for this Python, and its env."""
+    pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (it bundles tritonserver)")
+    from runtimes.serve import stub_library_path
+
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
+        "triton_python_backend_stub"
+    if not (root / "bin" / "tritonserver").is_file() or not stub.is_file():
+        pytest.skip(f"this PyTriton has no tritonserver or stub for Python {sys.version_info[:2]} under {root}")
+    backends = tmp_path / "backends"
+    shutil.copytree(root / "backends" / "python", backends / "python")
+    shutil.copy2(stub, backends / "python")
+    env = dict(os.environ, LD_LIBRARY_PATH=str(libs))
+    stub_library_path(env)
+    return root / "bin" / "tritonserver", backends, env
+
+
+def test_tiler_serves_in_a_real_triton_server(tmp_path: Path) -> None:
+    """The generated Python model in tritonserver (PyTriton's build), a Python stand-in for the engine.
+
+    The bundled server has no onnxruntime backend, so ``esc`` becomes a nearest x2 Python
+    model with the same config; ``esc_tiled`` is exactly what was generated and reaches it
+    through BLS requests.
+    """
+    import tritonclient.http as triton_http
+    from tritonclient.utils import InferenceServerException
+
+    from runtimes.serve import free_ports
+
+    server, backends, env = bundled_tritonserver(tmp_path)
+    repo = tmp_path / "repo"
+    write_repository(tiny_onnx(tmp_path / "fixed.onnx", shape=(16, 24)), repo,
+                     RepoOptions(overlap=4, max_batch=4, preferred=(4,), max_side=128))
+    (repo / "esc" / "1" / "model.onnx").unlink()
+    (repo / "esc" / "1" / "model.py").write_text(NEAREST_ENGINE)
+    config = repo / "esc" / "config.pbtxt"
+    config.write_text(config.read_text().replace('backend: "onnxruntime"', 'backend: "python"'))
+    http, grpc = free_ports(2)
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(
+            [str(server), f"--model-repository={repo}", f"--backend-directory={backends}", "--allow-metrics=false",
+             "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+             "--exit-timeout-secs=3"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{http}")
+        deadline = time.monotonic() + 60
+        while not _ready(client, "esc_tiled"):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        rng = np.random.default_rng(0)
+        for shape in [(1, 3, 16, 24), (2, 3, 37, 23), (1, 3, 5, 61), (1, 3, 100, 30)]:
+            image = rng.random(shape, dtype=np.float32)
+            np.testing.assert_array_equal(_infer(client, image), image.repeat(2, axis=2).repeat(2, axis=3))
+        for bad, names in ((np.zeros((1, 3, 129, 4), np.float32), "limit of 128"),
+                           (np.zeros((1, 3, 0, 4), np.float32), "empty")):
+            with pytest.raises(InferenceServerException, match=names):
+                _infer(client, bad)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the backend stubs, should any outlive the server
+        process.wait(5)
+
+
+def _ready(client: Any, model: str) -> bool:
+    try:
+        return client.is_model_ready(model)
+    except Exception:  # not listening yet
+        return False
+
+
+def _infer(client: Any, image: np.ndarray) -> np.ndarray:
+    import tritonclient.http as triton_http
+
+    request = triton_http.InferInput("lr", list(image.shape), "FP32")
+    request.set_data_from_numpy(image)
+    return client.infer("esc_tiled", [request]).as_numpy("sr")
