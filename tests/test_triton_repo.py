@@ -275,12 +275,12 @@ def test_tiler_serves_in_a_real_triton_server(tmp_path: Path) -> None:
     model with the same config; ``esc_tiled`` is exactly what was generated and reaches it
     through BLS requests.
     """
+    server, backends, env = bundled_tritonserver(tmp_path)  # skips without PyTriton (which brings tritonclient)
     import tritonclient.http as triton_http
     from tritonclient.utils import InferenceServerException
 
     from runtimes.serve import free_ports
 
-    server, backends, env = bundled_tritonserver(tmp_path)
     repo = tmp_path / "repo"
     write_repository(tiny_onnx(tmp_path / "fixed.onnx", shape=(16, 24)), repo,
                      RepoOptions(overlap=4, max_batch=4, preferred=(4,), max_side=128))
