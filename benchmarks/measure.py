@@ -225,7 +225,7 @@ def _tensorrt_runner(spec: dict[str, Any], model):
 
 def _coreml_runner(spec: dict[str, Any]):
     """Export (once, cached) a fixed-shape .mlpackage through export/to_coreml.py's path and load it."""
-    from export.coreml_export import export_coreml, resolve_config
+    from export.coreml import export_coreml, resolve_config
     from runtimes.base import load
 
     w, h = spec["input_wh"]

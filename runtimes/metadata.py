@@ -177,7 +177,7 @@ def resolve_scale(meta: ArtifactMetadata, scale: int | None, source: str) -> int
         return meta.scale
     if scale is None:
         raise MetadataError(f"{source} has no esc.scale metadata, so its upscaling factor is unknown; "
-                            f"pass scale=N (or --scale N), or re-export it with this toolkit")
+                            f"pass scale=N (--scale N), or re-export it with this toolkit")
     return int(scale)
 
 
