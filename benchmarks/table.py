@@ -302,8 +302,18 @@ def replace_readme_block(readme: str, markdown: str) -> str:
 
 
 def default_paths() -> list[Path]:
-    """Every committed results file, in a stable order."""
-    return sorted(ROOT.glob(DEFAULT_GLOB))
+    """Every committed model-benchmark results file (a machine block and rows), in a stable order.
+
+    Other results (the serving throughput run) live beside them in another shape and are left out.
+    """
+    def is_grid(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return True   # read_results names the problem
+        return isinstance(data, dict) and "machine" in data and isinstance(data.get("rows"), list)
+
+    return [p for p in sorted(ROOT.glob(DEFAULT_GLOB)) if is_grid(p)]
 
 
 # -- command line ---------------------------------------------------------------------------
