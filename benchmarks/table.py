@@ -23,11 +23,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from runtimes.metadata import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GLOB = "benchmarks/results/*/results.json"
@@ -280,17 +281,6 @@ def write_plot(table: Table, path: Path) -> Path:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def replace_readme_block(readme: str, markdown: str) -> str:
     """``readme`` with the text between the table markers replaced by ``markdown``."""
     if README_START not in readme or README_END not in readme:
@@ -347,11 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = merge(paths, () if args.no_references else PAPER_REFERENCES)
         markdown = to_markdown(table)
         if args.readme:
-            _atomic_write(args.readme, replace_readme_block(args.readme.read_text(), markdown))
+            write_text_atomic(args.readme, replace_readme_block(args.readme.read_text(), markdown))
             print(f"updated the table in {args.readme} ({len(table.models)} models x {len(table.columns)} columns)")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(args.out / "table.md", markdown)
+            write_text_atomic(args.out / "table.md", markdown)
             write_plot(table, args.out / "latency.png")
             print(f"wrote {args.out / 'table.md'} and {args.out / 'latency.png'}")
         if not args.readme and not args.out:

@@ -42,6 +42,7 @@ __all__ = [
     "toolkit_version",
     "write_onnx_metadata",
     "write_sidecar",
+    "write_text_atomic",
 ]
 
 PREFIX = "esc."
@@ -219,6 +220,13 @@ def write_sidecar(engine: str | os.PathLike[str], meta: ArtifactMetadata, build:
     """
     path = sidecar_path(engine)
     text = json.dumps({"metadata": meta.to_props(), "build": dict(build)}, indent=2, sort_keys=True) + "\n"
+    write_text_atomic(path, text)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never half-written."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -227,7 +235,6 @@ def write_sidecar(engine: str | os.PathLike[str], meta: ArtifactMetadata, build:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def read_sidecar(engine: str | os.PathLike[str]) -> tuple[ArtifactMetadata, dict[str, Any]]:
