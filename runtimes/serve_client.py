@@ -34,7 +34,7 @@ from runtimes import imageio
 from runtimes.base import Runner, RunnerError
 from runtimes.cli_args import non_negative_int, positive_int
 from runtimes.serve import INPUT, MODEL_NAME, OUTPUT
-from runtimes.upscale import UsageError, _plan, upscale_file
+from runtimes.upscale import UsageError, plan_outputs, upscale_file
 
 __all__ = ["TritonRunner", "main", "read_metric", "server_message"]
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        pairs = _plan(args)
+        pairs = plan_outputs(args)
         runner = TritonRunner(args.url, model=args.model, timeout_s=args.timeout)
     except (UsageError, ESCError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,7 +35,7 @@ from runtimes import imageio
 from runtimes.base import Runner, load
 from runtimes.cli_args import add_runner_args, positive_int, runner_options
 
-__all__ = ["main", "upscale_file"]
+__all__ = ["UsageError", "main", "plan_outputs", "upscale_file"]
 
 #: Suffixes treated as images when INPUT is a directory (others are ignored silently
 #: only if they are hidden files; see :func:`_collect`).
@@ -83,8 +83,12 @@ def _collect(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _plan(args: argparse.Namespace) -> list[tuple[Path, Path]]:
-    """(input, output) pairs; raises UsageError for impossible requests."""
+def plan_outputs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(input, output) pairs for ``args.input``/``args.output``; raises UsageError for impossible requests.
+
+    Public so every command that writes upscaled files (this one, ``runtimes.serve_client``)
+    maps inputs to outputs and refuses overwriting the input in the same way.
+    """
     src, dst = args.input, args.output
     if not src.exists():
         raise UsageError(f"input not found: {src}")
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        pairs = _plan(args)
+        pairs = plan_outputs(args)
         runner = load(args.artifact, device=args.device, **runner_options(args, scale=args.scale))
     except (UsageError, ESCError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,12 +20,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from conftest import export_esc_onnx
 from validation.compare import compare, compare_outputs
 from validation.parity import THRESHOLDS, main
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = "esc_light_x4_35x35_b1"
+
+
 def scale_output(src: Path, dst: Path, factor: float) -> Path:
     """Copy of ``src`` whose output ``sr`` is multiplied by ``factor`` (a corrupted artifact)."""
     model = onnx.load(str(src))
@@ -39,23 +39,10 @@ def scale_output(src: Path, dst: Path, factor: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(golden_dir: Path) -> Path:
-    return golden_dir / f"{GOLDEN}.pth"
-
-
-@pytest.fixture(scope="module")
 def set5(shared_dir: Path) -> Path:
     path = shared_dir / "data" / "Set5"
     if not path.is_dir():
         pytest.skip(f"missing shared data: {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def golden_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.getbasetemp() / f"{GOLDEN}.onnx"
-    if not path.exists():
-        export_esc_onnx(checkpoint, path)
     return path
 
 
