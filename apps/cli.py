@@ -20,6 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upscale": ("runtimes.upscale", "upscale images with any artifact (python -m runtimes.upscale)"),
     "parity": ("validation.parity", "compare an artifact with PyTorch on a dataset (python validation/parity.py)"),
     "bench": ("benchmarks.run", "latency table across models and runtimes (python benchmarks/run.py)"),
+    "table": ("benchmarks.table", "merge results.json files from several machines into one table"),
+    "params": ("models.params", "parameter count of every variant and scale"),
+    "triton": ("export.to_triton", "write a Triton Inference Server model repository for an artifact"),
+    "serve": ("runtimes.serve", "serve an artifact on a local Triton server (PyTriton)"),
+    "serve-client": ("runtimes.serve_client", "upscale files through a running Triton server"),
     "quickstart": ("apps.quickstart", "export ESC x4, upscale sample photos, check parity"),
 }
 
@@ -29,6 +34,8 @@ EXAMPLES = """examples:
   esc-deploy upscale photo.png photo_x4.png --artifact artifacts/esc_x4.onnx --tile 256 --overlap 32
   esc-deploy parity --artifact artifacts/esc_x4.onnx --weights ESC_DIV2K_X4.pth --dataset DIR --scale 4
   esc-deploy bench --models esc_light --runtimes torch,onnxruntime --output-size 1280x720
+  esc-deploy serve artifacts/esc_x4.onnx --http-port 8000
+  esc-deploy serve-client photos/ upscaled/ --url http://127.0.0.1:8000 --concurrency 4
   esc-deploy trt --help                      (every subcommand has its own --help)"""
 
 
@@ -36,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esc-deploy", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export, run, verify and benchmark ESC super-resolution models.\n\ncommands:\n"
-                    + "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()))
+                    + "\n".join(f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items()))
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands above")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the subcommand's own flags (see COMMAND --help)")
     return parser

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from serving_deps import import_serving
 
-pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install 'esc-deploy[serve]')")
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[all] is not installed (pip install 'esc-deploy[serve]')")
+import_serving("pytriton", "nvidia-pytriton is not installed (pip install 'esc-deploy[serve]')")
+import_serving("tritonclient.grpc", "tritonclient[grpc,http] is not installed (pip install 'esc-deploy[serve]')")
 
 import tritonclient.http as triton_http  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from serving_deps import import_serving, skip_unless_required
 
 from export import triton_repo
 from export.triton_repo import RepoOptions, TritonRepoError, write_repository
@@ -57,8 +58,8 @@ def tiny_onnx(path: Path, shape: tuple[Any, Any] = ("H", "W"), batch: Any = "N",
 @pytest.fixture(scope="module")
 def pb() -> Any:
     """tritonclient's model-config protobuf module (the schema Triton reads)."""
-    return pytest.importorskip("tritonclient.grpc.model_config_pb2",
-                               reason="tritonclient[grpc] is not installed (pip install 'esc-deploy[serve]')")
+    return import_serving("tritonclient.grpc.model_config_pb2",
+                          "tritonclient[grpc] is not installed (pip install 'esc-deploy[serve]')")
 
 
 def parse_config(pb: Any, path: Path) -> Any:
@@ -251,7 +252,7 @@ class TritonPythonModel:
 
 def bundled_tritonserver(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     """PyTriton's own tritonserver, a backend folder with the stub for this Python, and its env."""
-    pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (it bundles tritonserver)")
+    pytriton = import_serving("pytriton", "nvidia-pytriton is not installed (it bundles tritonserver)")
     from runtimes.serve import stub_library_path
 
     root = Path(pytriton.__file__).parent / "tritonserver"
@@ -259,7 +260,7 @@ def bundled_tritonserver(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
         "triton_python_backend_stub"
     if not (root / "bin" / "tritonserver").is_file() or not stub.is_file():
-        pytest.skip(f"this PyTriton has no tritonserver or stub for Python {sys.version_info[:2]} under {root}")
+        skip_unless_required(f"this PyTriton has no tritonserver or stub for Python {sys.version_info[:2]} under {root}")
     backends = tmp_path / "backends"
     shutil.copytree(root / "backends" / "python", backends / "python")
     shutil.copy2(stub, backends / "python")
