@@ -42,9 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import logging
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -179,20 +177,11 @@ def translate_plugin(program: torch.export.ExportedProgram, opset: int = 18, aot
     from export import onnx_export as ox
 
     table = custom_translation_table(aot)
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(
-                program, (), dynamo=True, opset_version=opset, optimize=False, verify=False, verbose=False,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], custom_translation_table=table)
-            proto = ox.clean_graph(onnx_program.model)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with ox._export_context():   # the ONNX exporter's quiet loggers and warnings
+        onnx_program = torch.onnx.export(
+            program, (), dynamo=True, opset_version=opset, optimize=False, verify=False, verbose=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], custom_translation_table=table)
+        proto = ox.clean_graph(onnx_program.model)
     proto.ir_version = IR_VERSION
     _clean_names(proto, scale)
     return proto

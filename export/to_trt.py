@@ -6,6 +6,7 @@ Examples (from the repository root)::
     python export/to_trt.py --weights official:ESC_DIV2K_X4 --precision bf16 -o engines/esc_x4.engine
     python export/to_trt.py --weights ESC_light_X4.pth --min-shape 1x3x64x64 --opt-shape 4x3x256x256 \\
         --max-shape 8x3x512x512
+    python export/to_trt.py --weights ESC_DIV2K_X4.pth --opt-shape 320x180 --max-shape 640x360   # WIDTHxHEIGHT
     python export/to_trt.py --weights ESC_DIV2K_X2.pth --attention native --precision fp16   # ONNX Attention op
     python -m export.to_trt --model esc --scale 4 --dry-run                      # random weights, no build
 
@@ -20,6 +21,10 @@ match. (3) parity against PyTorch fp32 on a few pictures (the one threshold tabl
 ``validation.compare.THRESHOLDS``) and a latency summary. Steps 1-2 are
 ``export.trt_build.build_trt_engine``, which benchmarks call too.
 
+Profile shapes are TensorRT's NxCxHxW (``1x3x180x320``: batch, channels, height, width) or
+the toolkit's size syntax WIDTHxHEIGHT with batch 1 (``320x180`` is the same shape). The
+max shape is checked against the fused kernel's launch limits before anything is exported.
+
 Without TensorRT or a GPU the ONNX file is still written, what is missing is printed with
 how to install it, and the exit status is 2. ``--dry-run`` stops before the build (exit 0).
 Run the engine with ``python -m runtimes.upscale IN OUT --artifact <engine> --device cuda``
@@ -31,6 +36,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     # Run as a file: make the repository root importable.
@@ -38,6 +44,7 @@ if __package__ in (None, ""):
 
 from export import common  # noqa: E402
 from export import trt_build as tb  # noqa: E402
+from runtimes.cli_args import SIZE_SYNTAX  # noqa: E402
 
 EXIT_CANNOT_BUILD = 2
 EXIT_PARITY_FAILED = 1
@@ -52,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=tb.PRECISIONS, default="fp16", help="engine precision (default fp16)")
     p.add_argument("--attention", choices=tb.ATTENTION_MODES, default="plugin",
                    help="plugin: fused Triton kernel as a TensorRT plugin (default); native: ONNX Attention (opset 23)")
-    p.add_argument("--min-shape", default=None, help="profile min NxCxHxW or HxW (default 1x3x16x16)")
-    p.add_argument("--opt-shape", default=None, help="profile opt (default 1x3x256x256, within min..max)")
-    p.add_argument("--max-shape", default=None, help="profile max (default 4x3x512x512)")
+    shape_forms = f"NxCxHxW or {SIZE_SYNTAX} (batch 1)"
+    p.add_argument("--min-shape", default=None, help=f"profile min, {shape_forms} (default 1x3x16x16)")
+    p.add_argument("--opt-shape", default=None,
+                   help=f"profile opt, {shape_forms} (default 1x3x256x256, within min..max)")
+    p.add_argument("--max-shape", default=None, help=f"profile max, {shape_forms} (default 4x3x512x512)")
     p.add_argument("--typing", choices=tb.TYPINGS, default="strong",
                    help="strong: precision in the graph (default; the only mode in TensorRT 11); weak: fp32 graph "
                         "+ FP16/BF16 builder flags (TensorRT 10)")
@@ -65,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reexport", action="store_true", help="export the ONNX file even if a matching one exists")
     p.add_argument("--workspace", type=float, default=None, help="builder workspace limit in GiB")
     p.add_argument("--ptx-target", default=None,
-                   help="--dry-run: PTX target to compile the plugin kernel for (default: this GPU, else cuda:90)")
+                   help="PTX target of the plugin's AOT kernel, e.g. cuda:90 (default: this GPU, else cuda:90)")
     p.add_argument("--ptx-version", type=int, default=None,
                    help="PTX ISA version of the AOT kernel, e.g. 84 for 8.4 (default: what the driver accepts)")
     p.add_argument("--images", type=Path, default=None, help="folder of pictures for the parity check "
@@ -79,23 +88,51 @@ def _progress(message: str) -> None:
     print(f"[to_trt] {message}...", file=sys.stderr, flush=True)
 
 
-def _ptx_row(args: argparse.Namespace, env: tb.Environment, step: tb.OnnxStep) -> tuple[str, str]:
+def dry_run_kernel(metadata: Any, ptx_target: str | None, ptx_version: int | None) -> tuple[Any, str]:
+    """``(compiled kernel, target)``: the AOT kernel the build would embed for this ONNX file.
+
+    Same target and PTX-version resolution as the build's registration
+    (:func:`runtimes.plugin_ops.tensorrt_plugin.aot_options`: flags, environment, this
+    GPU, the driver's PTX cap) and the same compile call, so the dry run reports the
+    very PTX the engine would hold.
+    """
+    from runtimes.plugin_ops import tensorrt_plugin
+
+    target, ptx_cap = tensorrt_plugin.aot_options(ptx_target, ptx_version)
+    window, heads = int(metadata.get("plugin_window", "0")), int(metadata.get("plugin_heads", "0"))
+    return tensorrt_plugin.compile_kernel(metadata.precision or "fp32", window, heads, target=target,
+                                          ptx_version=ptx_cap), target
+
+
+def _ptx_row(args: argparse.Namespace, step: tb.OnnxStep) -> tuple[str, str]:
     """Compile the plugin's AOT kernel (no GPU needed) as the dry run's last check."""
     if args.attention != "plugin" or args.jit:
         return ("AOT kernel", "not used")
-    from runtimes.plugin_ops import tensorrt_plugin
-
-    target = args.ptx_target or (f"cuda:{env.compute_capability}" if env.compute_capability
-                                 else tensorrt_plugin.DEFAULT_TARGET)
-    meta = step.metadata
     try:
-        window, heads = int(meta.get("plugin_window", "0")), int(meta.get("plugin_heads", "0"))
-        kernel = tensorrt_plugin.compile_kernel(meta.precision or "fp32", window, heads, target=target,
-                                                ptx_version=args.ptx_version)
+        kernel, target = dry_run_kernel(step.metadata, args.ptx_target, args.ptx_version)
     except Exception as exc:  # report, do not fail the dry run: the build would say the same
-        return ("AOT kernel", f"NOT compiled for {target}: {type(exc).__name__}: {exc}")
-    return ("AOT kernel", f"{kernel.metadata.name} compiled to PTX for {target} ({len(kernel.asm['ptx'])} chars, "
-                          f"{kernel.metadata.num_warps} warps, {kernel.metadata.shared} B shared memory)")
+        return ("AOT kernel", f"NOT compiled: {type(exc).__name__}: {exc}")
+    version = kernel.asm["ptx"].split(".version", 1)[-1].split()[0] if ".version" in kernel.asm["ptx"] else "?"
+    return ("AOT kernel", f"{kernel.metadata.name} compiled to PTX {version} for {target} "
+                          f"({len(kernel.asm['ptx'])} chars, {kernel.metadata.num_warps} warps, "
+                          f"{kernel.metadata.shared} B shared memory): what the build embeds")
+
+
+def parity_gate(engine: Any, reference: Any, images: list, precision: str,
+                device: str = "cuda") -> tuple[list[tuple[str, str]], bool]:
+    """Run ``engine`` on ``images`` against the fp32 ``reference``: (summary rows, passed).
+
+    The one threshold table decides (:func:`validation.compare.threshold_for`); any
+    artifact :func:`runtimes.load` opens can be gated, which is how the tests show a
+    corrupted one failing without TensorRT.
+    """
+    from export.verify import verify_artifact
+    from validation.compare import threshold_for
+
+    parity = verify_artifact(engine, reference, images, precision, raise_on_failure=False, device=device)
+    rows = [(f"parity {r.name}", f"PSNR {r.psnr:.1f} dB, max abs {r.max_abs:.2e} vs PyTorch fp32"
+             + ("" if r.passed else f"  FAILED (needs {threshold_for(precision).describe()})")) for r in parity]
+    return rows, bool(parity) and all(r.passed for r in parity)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         result = tb.build_trt_engine(
             model, output, precision=args.precision, attention=args.attention, profile=profile, typing=args.typing,
             weights_sha256=sha, jit=args.jit, reexport=args.reexport, rebuild=args.rebuild, dry_run=args.dry_run,
-            workspace_gib=args.workspace, ptx_version=args.ptx_version, verbose=args.verbose, progress=_progress)
+            workspace_gib=args.workspace, ptx_version=args.ptx_version, ptx_target=args.ptx_target,
+            verbose=args.verbose, progress=_progress)
     except tb.TrtEnvironmentError as exc:
         if not exc.onnx.reused:
             common.print_summary("ONNX for TensorRT", exc.onnx.rows)
@@ -131,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         plan_rows = result.plan_rows(args.precision, args.typing, args.attention, args.jit)
-        plan_rows.append(_ptx_row(args, result.environment, step))
+        plan_rows.append(_ptx_row(args, step))
         missing = result.environment.missing(args.attention)
         if missing:
             plan_rows.append(("to build", "\n".join(f"missing: {m}" for m in missing)))
@@ -141,15 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     # -- parity and latency ---------------------------------------------------------------------------
     import torch
 
-    from export.verify import verify_artifact
     from runtimes.trt_runner import TensorRTRunner
     from validation.compare import threshold_for
 
     _progress("checking parity against PyTorch fp32")
     reference = copy.deepcopy(model).deploy().to("cuda").float().eval()
     images = tb.load_images(args.images, profile) if args.images else tb.synthetic_images(profile)
-    parity = verify_artifact(engine, reference, images, args.precision, raise_on_failure=False, device="cuda")
-    ok = all(r.passed for r in parity)
+    parity_rows, ok = parity_gate(engine, reference, images, args.precision)
     runner = TensorRTRunner(engine, device="cuda")
     _progress("measuring latency")
     opt = profile.opt
@@ -164,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ("profile", f"lr {profile.describe()}"),
         ("build", f"{args.precision}, {args.typing} typing, {args.attention} attention, TensorRT "
                   f"{result.environment.tensorrt_version}, {result.environment.gpu_name}"),
-        *[(f"parity {r.name}", f"PSNR {r.psnr:.1f} dB, max abs {r.max_abs:.2e} vs PyTorch fp32"
-           + ("" if r.passed else f"  FAILED (needs {threshold_for(args.precision).describe()})")) for r in parity],
+        *parity_rows,
         ("latency", f"TensorRT {trt_latency['median_ms']:.2f} ms median (p90 {trt_latency['p90_ms']:.2f}) at "
                     f"{'x'.join(map(str, opt))}, {megapixels / (trt_latency['median_ms'] / 1e3):.1f} output MP/s; "
                     f"PyTorch {args.precision} eager {torch_latency['median_ms']:.2f} ms"),

@@ -46,6 +46,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from models.errors import ESCError
+from models.kernels.launch import grid_limit_problem
+from models.kernels.triton_support import MIN_TRITON, triton_too_old_message
+from runtimes.cli_args import SIZE_SYNTAX, parse_size
 from runtimes.metadata import ArtifactMetadata, read_onnx_metadata, sidecar_path, write_sidecar
 from runtimes.plugin_ops.contract import ATTENTION_LABEL, PLUGIN_ID
 
@@ -55,6 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from models import ESCBase
 
 ATTENTION_MODES = ("plugin", "native")
+#: TensorRT's ONNX parser imports opset-23 ``Attention`` (as ``IAttention``) from this version on.
+MIN_NATIVE_ATTENTION_TRT = (10, 14)
 PRECISIONS = ("fp16", "bf16", "fp32")
 TYPINGS = ("strong", "weak")
 INPUT_NAME = "lr"
@@ -85,7 +90,12 @@ class TrtEnvironmentError(TrtBuildError):
 
 # -- shapes -------------------------------------------------------------------------------------------
 def parse_shape_arg(text: str | tuple | list, what: str = "shape") -> tuple[int, int, int, int]:
-    """``"1x3x256x256"``, ``"lr:1x3x256x256"``, ``"256x256"`` (batch 1) or a tuple -> (N, 3, H, W)."""
+    """A profile shape -> ``(N, 3, H, W)``.
+
+    Accepted: ``"1x3x256x256"`` / ``"lr:1x3x256x256"`` (TensorRT's NxCxHxW, as trtexec
+    writes it), a 4-tuple, or the toolkit's one size syntax ``WIDTHxHEIGHT``
+    (:func:`runtimes.cli_args.parse_size`, batch 1): ``"1280x720"`` is ``(1, 3, 720, 1280)``.
+    """
     if isinstance(text, (tuple, list)):
         values = [int(v) for v in text]
     else:
@@ -94,14 +104,18 @@ def parse_shape_arg(text: str | tuple | list, what: str = "shape") -> tuple[int,
             name, body = body.split(":", 1)
             if name.strip() not in (INPUT_NAME, ""):
                 raise TrtBuildError(f"{what}: the input is called '{INPUT_NAME}', not {name!r}")
+        if body.count("x") == 1:
+            try:
+                height, width = parse_size(body)
+            except ValueError as exc:
+                raise TrtBuildError(f"{what}: {exc}") from None
+            return (1, 3, height, width)
         try:
-            values = [int(v) for v in body.replace("*", "x").replace(",", "x").split("x")]
+            values = [int(v) for v in body.split("x")]
         except ValueError:
-            raise TrtBuildError(f"{what} must look like 1x3x256x256 or 256x256, got {text!r}") from None
-    if len(values) == 2:
-        values = [1, 3, *values]
+            raise TrtBuildError(f"{what} must be NxCxHxW (1x3x256x256) or {SIZE_SYNTAX}, got {text!r}") from None
     if len(values) != 4:
-        raise TrtBuildError(f"{what} must have 4 dims (N, 3, H, W) or 2 (H, W), got {text!r}")
+        raise TrtBuildError(f"{what} must be NxCxHxW (1x3x256x256) or {SIZE_SYNTAX}, got {text!r}")
     if values[1] != 3:
         raise TrtBuildError(f"{what}: ESC takes 3-channel RGB input, got {values[1]} channels in {text!r}")
     if min(values) < 1:
@@ -136,6 +150,18 @@ class ShapeProfile:
                 raise TrtBuildError(f"profile {name}: need min <= opt <= max, got {a}, {b}, {c} "
                                     f"(--min-shape/--opt-shape/--max-shape)")
 
+    def check_kernel_launch(self, window: int, heads: int) -> None:
+        """Refuse a max shape the plugin kernel cannot launch (CUDA grid limits), before any work.
+
+        The AOT kernel's grid is a TensorRT shape expression evaluated at run time: a
+        too-large profile would build and then fail to launch, so it is checked here.
+        """
+        batch, _, height, width = self.max
+        problem = grid_limit_problem(batch, height, width, window, heads)
+        if problem:
+            raise TrtBuildError(f"--max-shape {'x'.join(map(str, self.max))} is too large for the fused attention "
+                                f"kernel: {problem}. Lower --max-shape; runtimes.upscale tiles larger pictures")
+
     def label(self) -> str:
         lo, opt, hi = self.min, self.opt, self.max
         return (f"b{lo[0]}-{hi[0]}_{lo[2]}x{lo[3]}-{hi[2]}x{hi[3]}_opt{opt[0]}x{opt[2]}x{opt[3]}")
@@ -165,27 +191,29 @@ class Environment:
         from runtimes.plugin_ops.tensorrt_plugin import MIN_TRT_VERSION, tensorrt_install_hint, tensorrt_version_tuple
 
         out = []
+        version = tensorrt_version_tuple(self.tensorrt_version or "0")
         if self.tensorrt_version is None:
             out.append(f"TensorRT is not installed ({self.tensorrt_error}). {tensorrt_install_hint()}.")
-        elif attention == "plugin" and (not self.has_plugin_api
-                                        or tensorrt_version_tuple(self.tensorrt_version) < MIN_TRT_VERSION):
+        elif attention == "plugin" and (not self.has_plugin_api or version < MIN_TRT_VERSION):
             out.append(f"TensorRT {self.tensorrt_version} is too old for the Python plugin path: TensorRT >= "
                        f"{'.'.join(map(str, MIN_TRT_VERSION))} (tensorrt.plugin with aot_impl) is needed: "
                        f"pip install -U tensorrt-cu12 (from NVIDIA's index), or use --attention native.")
+        elif attention == "native" and version < MIN_NATIVE_ATTENTION_TRT:
+            out.append(native_attention_too_old(self.tensorrt_version))
         if not self.cuda:
             out.append(f"no CUDA GPU is visible to PyTorch ({self.cuda_error}): TensorRT builds and runs engines on "
                        f"an NVIDIA GPU; install the NVIDIA driver and a CUDA build of torch "
                        f"(pip install torch --index-url https://download.pytorch.org/whl/cu128).")
-        if attention == "plugin" and self.triton_version is None:
-            out.append(f"Triton is not installed ({self.triton_error}): the plugin's kernel is compiled with it; "
-                       f"pip install triton (CUDA builds of torch ship it).")
+        if attention == "plugin" and self.triton_error is not None:
+            out.append(f"{self.triton_error}; the plugin's kernel is compiled with Triton.")
         return out
 
     def rows(self) -> list[tuple[str, str]]:
         return [("TensorRT", self.tensorrt_version or f"missing ({self.tensorrt_error})"),
                 ("GPU", f"{self.gpu_name} (sm_{self.compute_capability})" if self.cuda
                  else f"none ({self.cuda_error})"),
-                ("Triton", self.triton_version or f"missing ({self.triton_error})")]
+                ("Triton", (self.triton_version or "missing") + (f" ({self.triton_error})" if self.triton_error
+                                                                 else ""))]
 
 
 def probe_environment() -> Environment:
@@ -217,9 +245,19 @@ def probe_environment() -> Environment:
         import triton
 
         env.triton_version = triton.__version__
+        env.triton_error = triton_too_old_message(triton.__version__)
     except ImportError as exc:
-        env.triton_error = str(exc)
+        env.triton_error = (f"Triton is not installed ({exc}): pip install 'triton>={'.'.join(map(str, MIN_TRITON))}' "
+                            f"(CUDA builds of torch ship it)")
     return env
+
+
+def native_attention_too_old(version: str) -> str:
+    """The gate's message: TensorRT parses ONNX ``Attention`` (opset 23) from 10.14 on."""
+    floor = ".".join(map(str, MIN_NATIVE_ATTENTION_TRT))
+    return (f"TensorRT {version} cannot parse the ONNX Attention op (opset 23) that --attention native writes: its "
+            f"ONNX parser supports it from TensorRT {floor} (older ones fail with \"Plugin not found\"). Upgrade "
+            f"(pip install -U tensorrt-cu12 from NVIDIA's index) or use --attention plugin.")
 
 
 # -- names --------------------------------------------------------------------------------------------
@@ -360,6 +398,36 @@ def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", pr
 
 
 # -- 3. engine ----------------------------------------------------------------------------------------
+def mark_attention_decomposable(network: Any) -> int:
+    """Let every parsed ``IAttention`` fall back to several kernels; returns how many were marked.
+
+    TensorRT's ONNX ``Attention`` importer builds non-decomposable ``IAttention``s, which
+    must map to one fused kernel; ESC's (head size 16, a 1024x1024 float mask) may have
+    none, and the build would fail. Each ``IAttention`` shows in the network as its
+    boundary layers (``attention`` property); marking one is enough, duplicates are
+    skipped.
+    """
+    seen: set[int] = set()
+    for index in range(network.num_layers):
+        attention = getattr(network.get_layer(index), "attention", None)
+        if attention is None or id(attention) in seen:
+            continue
+        attention.decomposable = True
+        seen.add(id(attention))
+    return len(seen)
+
+
+def softmax_precision(attention: str, precision: str) -> str:
+    """What the summary says about the attention softmax's precision (issue: it is not the graph's)."""
+    if attention == "plugin":
+        return "fp32 (the fused kernel keeps the softmax statistics and accumulator in fp32)"
+    if precision == "fp32":
+        return "fp32"
+    return (f"chosen by TensorRT (likely {precision}): its ONNX Attention importer ignores softmax_precision, "
+            f"which export.onnx_export sets to fp32 for fp16 graphs; parity is checked at the {precision} threshold")
+
+
+# -- 3. engine (build) -----------------------------------------------------------------------------------------
 def _parser_errors(parser: Any) -> list[str]:
     errors = []
     for i in range(getattr(parser, "num_errors", 0)):
@@ -374,14 +442,14 @@ def _parser_errors(parser: Any) -> list[str]:
 def _build_serialized_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, precision: str = "fp16",
                              typing: str = "strong", attention: str = "plugin", timing_cache: Path | None = None,
                              workspace_gib: float | None = None, jit: bool = False, verbose: bool = False,
-                             progress: Progress | None = None,
-                             ptx_version: int | None = None) -> tuple[float, dict[str, Any] | None]:
+                             progress: Progress | None = None, ptx_version: int | None = None,
+                             ptx_target: str | None = None) -> tuple[float, dict[str, Any] | None]:
     """Parse ``onnx_path`` and build a serialized engine at ``engine_path``; (seconds, plugin info)."""
     from runtimes.plugin_ops.tensorrt_plugin import import_tensorrt, register_plugin
 
     trt, _ = import_tensorrt()
     start = time.perf_counter()
-    plugin = register_plugin(ptx_version=ptx_version) if attention == "plugin" else None
+    plugin = register_plugin(target=ptx_target, ptx_version=ptx_version) if attention == "plugin" else None
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     if hasattr(trt, "init_libnvinfer_plugins"):
         trt.init_libnvinfer_plugins(logger, "")
@@ -403,6 +471,10 @@ def _build_serialized_engine(onnx_path: Path, engine_path: Path, profile: ShapeP
         progress(f"parsing {onnx_path}")
     if not parser.parse_from_file(str(onnx_path)):
         raise TrtBuildError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(_parser_errors(parser)))
+    if attention == "native":
+        marked = mark_attention_decomposable(network)
+        if progress:
+            progress(f"{marked} IAttention(s) marked decomposable (several kernels allowed where no fused one fits)")
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if INPUT_NAME not in names:
         raise TrtBuildError(f"{onnx_path} has inputs {names}; expected '{INPUT_NAME}'")
@@ -469,6 +541,7 @@ class EngineBuild:
             ("timing cache", str(self.timing_cache)),
             ("profile", f"lr {self.profile.describe()} (min .. opt .. max)"),
             ("precision", f"{precision}, {typing} typing, attention {attention}" + (" (JIT plugin)" if jit else "")),
+            ("softmax", softmax_precision(attention, precision)),
             *self.environment.rows(),
         ]
 
@@ -477,7 +550,7 @@ def build_trt_engine(model: "ESCBase", output: Path | str | None = None, *, prec
                      attention: str = "plugin", profile: ShapeProfile | None = None, typing: str = "strong",
                      weights_sha256: str | None = None, jit: bool = False, reexport: bool = False,
                      rebuild: bool = False, dry_run: bool = False, workspace_gib: float | None = None,
-                     ptx_version: int | None = None, verbose: bool = False,
+                     ptx_version: int | None = None, ptx_target: str | None = None, verbose: bool = False,
                      progress: Progress | None = None) -> EngineBuild:
     """Build (or reuse) the TensorRT engine of ``model``; the one builder of the toolkit.
 
@@ -490,6 +563,9 @@ def build_trt_engine(model: "ESCBase", output: Path | str | None = None, *, prec
     Parity is the caller's: :func:`export.verify.verify_artifact` on ``result.engine``.
     """
     profile = profile or ShapeProfile.parse()
+    if attention == "plugin":
+        attn = model.attention_modules()
+        profile.check_kernel_launch(max(a.window for a in attn), max(a.heads for a in attn))
     output = Path(output) if output is not None else default_output(model, precision, attention)
     step = export_for_trt(model, output, attention, precision, typing, weights_sha256, jit, reexport, progress)
     env = probe_environment()
@@ -519,7 +595,7 @@ def build_trt_engine(model: "ESCBase", output: Path | str | None = None, *, prec
         return result
     result.build_seconds, _ = _build_serialized_engine(
         step.path, engine, profile, precision, typing, attention, result.timing_cache, workspace_gib, jit, verbose,
-        progress, ptx_version=ptx_version)
+        progress, ptx_version=ptx_version, ptx_target=ptx_target)
     build["built_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     build["build_seconds"] = round(result.build_seconds, 1)
     write_sidecar(engine, step.metadata, build)

@@ -5,7 +5,9 @@
 * The ``esc::window_attention`` plugin is registered before deserialising
   (:func:`runtimes.plugin_ops.tensorrt_plugin.register_plugin`). Engines built with the AOT
   implementation carry the kernel and load without it; JIT engines need it, so when
-  deserialising fails the registration error is named (and chained) with the failure.
+  deserialising fails the registration error is named first (and is the ``__cause__``).
+* Engines run on the runner's own CUDA stream, ordered after the caller's stream (the
+  input) and before it (the output), not on torch's legacy default stream.
 * I/O goes through torch CUDA tensors (no copies through the host): the input shape is set
   per call (``set_input_shape``) within the engine's optimisation profile; batches above
   the profile's max batch are split, below its min batch padded by repetition; images
@@ -41,6 +43,30 @@ def _torch_dtype(trt_dtype: Any) -> torch.dtype:
     if key not in _TORCH_DTYPES:
         raise RunnerError(f"unsupported TensorRT tensor type {trt_dtype}")
     return _TORCH_DTYPES[key]
+
+
+def deserialize_engine(runtime: Any, artifact: str, trt_version: str, build: dict[str, Any],
+                       plugin_error: BaseException | None) -> Any:
+    """``runtime.deserialize_cuda_engine`` of ``artifact``, or a :class:`RunnerError` naming the likely cause.
+
+    A failed plugin registration comes first in the message and is the error's
+    ``__cause__``: an engine that uses the plugin cannot load without it, and TensorRT's
+    own failure ("built for another version or GPU") would otherwise hide it.
+    """
+    engine = runtime.deserialize_cuda_engine(Path(artifact).read_bytes())
+    if engine is not None:
+        return engine
+    built_with = (f" (built with TensorRT {build['tensorrt_version']} on {build.get('gpu')})"
+                  if build.get("tensorrt_version") else "")
+    if plugin_error is not None:
+        raise RunnerError(
+            f"TensorRT {trt_version} could not deserialize {artifact}{built_with}. The {PLUGIN_ID} plugin could "
+            f"not be registered, which engines using it need: {type(plugin_error).__name__}: {plugin_error}. Fix "
+            f"that first; if it persists, the engine was built for another TensorRT version or GPU: rebuild it with "
+            f"export/to_trt.py on this machine") from plugin_error
+    raise RunnerError(f"TensorRT {trt_version} could not deserialize {artifact}{built_with}: engines only load with "
+                      f"the TensorRT version and GPU model they were built for; rebuild it with export/to_trt.py on "
+                      f"this machine")
 
 
 class TensorRTRunner(Runner):
@@ -88,18 +114,12 @@ class TensorRTRunner(Runner):
                 self.plugin = {"registered": False, "error": f"{type(exc).__name__}: {exc}"}
             self._logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
-            engine = self._runtime.deserialize_cuda_engine(Path(self.artifact).read_bytes())
-            if engine is None:
-                built = self.build.get("tensorrt_version"), self.build.get("gpu")
-                raise RunnerError(
-                    f"TensorRT {trt.__version__} could not deserialize {self.artifact}"
-                    + (f" (built with TensorRT {built[0]} on {built[1]})" if built[0] else "")
-                    + ": engines only load with the TensorRT version and GPU model they were built for; rebuild it "
-                      "with export/to_trt.py on this machine"
-                    + (f". The {PLUGIN_ID} plugin could not be registered either (JIT engines need it): "
-                       f"{self.plugin['error']}" if plugin_error is not None else "")) from plugin_error
-            self.engine = engine
-            self.context = engine.create_execution_context()
+            self.engine = deserialize_engine(self._runtime, self.artifact, str(trt.__version__), self.build,
+                                             plugin_error)
+            self.context = self.engine.create_execution_context()
+            # TensorRT's own stream: enqueueing on torch's legacy default stream would serialise
+            # with every other piece of work and add implicit synchronisation.
+            self._stream = torch.cuda.Stream(self._device)
         if self.context is None:
             raise RunnerError(f"TensorRT could not create an execution context for {self.artifact} (out of memory?)")
         self._read_io()
@@ -158,9 +178,15 @@ class TensorRTRunner(Runner):
                           device=self._device)
         self.context.set_tensor_address(self.input_name, x.data_ptr())
         self.context.set_tensor_address(self.output_name, out.data_ptr())
-        stream = torch.cuda.current_stream(self._device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RunnerError(f"TensorRT failed to run {self.artifact} on input {tuple(x.shape)} (see its log)")
+        caller = torch.cuda.current_stream(self._device)
+        self._stream.wait_stream(caller)           # x was written on the caller's stream
+        x.record_stream(self._stream)
+        out.record_stream(self._stream)
+        if not self.context.execute_async_v3(self._stream.cuda_stream):
+            cause = self.plugin.get("error")
+            raise RunnerError(f"TensorRT failed to run {self.artifact} on input {tuple(x.shape)} (see its log)"
+                              + (f"; the {PLUGIN_ID} plugin was not registered: {cause}" if cause else ""))
+        caller.wait_stream(self._stream)           # the caller's later work sees the output
         return out
 
     def check_size(self, height: int, width: int) -> None:

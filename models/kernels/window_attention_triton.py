@@ -26,10 +26,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import grid_limit_problem, launch_grid
 from .reference import HEAD_DIM, check_window_attention_args
+from .triton_support import require_triton
 
+require_triton(triton.__version__)  # before triton.knobs: an old Triton gets a message, not an AttributeError
 _LOG2E = math.log2(math.e)
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z (windows; batch * heads)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 INTERPRETER_MODE: bool = bool(triton.knobs.runtime.interpret)
@@ -200,11 +202,11 @@ def window_attention_triton(
     if batch == 0:
         return out
 
-    n_win_rows = math.ceil(height / window)
+    problem = grid_limit_problem(batch, height, width, window, heads)
+    if problem:
+        raise ValueError(f"{problem}: split the input into tiles (runtimes.upscale tiles)")
+    grid = launch_grid(batch, height, width, window, heads, block_m)
     n_win_cols = math.ceil(width / window)
-    grid = (tokens // block_m, n_win_rows * n_win_cols, batch * heads)
-    if max(grid[1:]) > _MAX_GRID_YZ:
-        raise ValueError(f"launch grid {grid} exceeds CUDA's {_MAX_GRID_YZ} limit on axes 1-2: split the input")
     _window_attention_fwd[grid](
         qkv,
         table,

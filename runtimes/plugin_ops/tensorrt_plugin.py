@@ -47,6 +47,7 @@ import threading
 from typing import Any, Optional, Tuple, Union
 
 from models.kernels.reference import HEAD_DIM
+from models.kernels.triton_support import MIN_TRITON, triton_too_old_message
 
 from .contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE
 
@@ -64,9 +65,13 @@ _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp1
 try:  # Triton is needed for compiling/launching, not for importing this module
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
+except ImportError as _exc:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
+    TRITON_PROBLEM: Optional[str] = (f"Triton is not installed ({_exc}): pip install 'triton>={'.'.join(map(str, MIN_TRITON))}' "
+                                     f"(CUDA builds of torch ship it)")
+else:
+    TRITON_PROBLEM = triton_too_old_message(triton.__version__)
 
 
 class TensorRTUnavailableError(ImportError):
@@ -101,7 +106,7 @@ def tensorrt_version_tuple(version: str) -> Tuple[int, ...]:
 
 
 # -- the AOT entry kernel ------------------------------------------------------------------------------
-if triton is not None:
+if TRITON_PROBLEM is None:
     from models.kernels.window_attention_triton import _window_attention_fwd
 
     @triton.jit
@@ -216,7 +221,7 @@ def kernel_signature(dtype: Any, table_dtype: Any = None) -> dict:
 
 
 def _interpreter_active() -> bool:
-    if triton is None:
+    if esc_window_attention is None:
         return False
     return not isinstance(esc_window_attention, triton.runtime.jit.JITFunction)
 
@@ -233,8 +238,8 @@ def compile_kernel(dtype: Any, window: int, heads: int, block_m: int = DEFAULT_B
     when Triton is missing, in interpreter mode, or the kernel would need Triton scratch
     memory.
     """
-    if triton is None:
-        raise RuntimeError("Triton is not installed: pip install triton (it ships with CUDA builds of torch)")
+    if TRITON_PROBLEM is not None:
+        raise RuntimeError(TRITON_PROBLEM)
     if _interpreter_active():
         raise RuntimeError(
             "Triton is in interpreter mode in this process (TRITON_INTERPRET=1 was set when triton was first "
@@ -329,78 +334,115 @@ def dtype_name_of_trt(dtype: Any) -> str:
 
 # -- registration -------------------------------------------------------------------------------------
 _LOCK = threading.Lock()
-_STATE: dict = {"registered": False, "aot": False, "target": None}
+_STATE: dict = {"registered": False, "aot": False, "target": None, "error": None}
+
+
+class PluginRegistrationError(RuntimeError):
+    """Registering the plugin failed; ``__cause__`` is the original error.
+
+    Raised again on every later :func:`register_plugin` call of the process (with the
+    same cause), so a second runner or build names the real problem instead of failing
+    later as an engine that "was built for another TensorRT version or GPU".
+    """
 
 
 def plugin_registered() -> bool:
     return bool(_STATE["registered"])
 
 
+def aot_options(target: Optional[str] = None, ptx_version: Optional[int] = None) -> Tuple[str, Optional[int]]:
+    """``(PTX target, PTX ISA cap)`` the AOT kernel is compiled with: the build's and the dry run's.
+
+    ``target``: given, else ``ESC_TRT_PTX_TARGET``, else the current CUDA device, else
+    ``cuda:90``. ``ptx_version``: given, else ``ESC_TRT_PTX_VERSION``, else what the
+    installed driver accepts (:func:`driver_ptx_version`), else None (Triton's own).
+    One function for both, so a dry run reports the kernel the build embeds.
+    """
+    if target is None:
+        target = os.environ.get("ESC_TRT_PTX_TARGET")
+    if target is None:
+        try:
+            target = device_target()
+        except Exception:  # no CUDA here (a dry run on a CPU machine): the documented default
+            target = DEFAULT_TARGET
+    if ptx_version is None and os.environ.get("ESC_TRT_PTX_VERSION"):
+        ptx_version = int(os.environ["ESC_TRT_PTX_VERSION"])
+    if ptx_version is None:
+        ptx_version = driver_ptx_version()
+    return str(target), ptx_version
+
+
 def register_plugin(target: Optional[str] = None, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
                     num_warps: int = DEFAULT_NUM_WARPS, ptx_version: Optional[int] = None) -> dict:
     """Register ``esc::window_attention`` with TensorRT (once per process); returns what was registered.
 
-    ``target``: PTX target of the AOT kernel (default: the current CUDA device, else
-    ``cuda:90``; ``ESC_TRT_PTX_TARGET`` overrides). ``ptx_version``: PTX ISA cap (default
-    ``ESC_TRT_PTX_VERSION``, else the driver's, see :func:`driver_ptx_version`, else
-    Triton's). Raises :class:`TensorRTUnavailableError` when TensorRT is missing. The AOT
-    implementation is registered when ``tensorrt.plugin`` has ``aot_impl`` (TensorRT >= 10.9).
+    ``target``/``ptx_version``: see :func:`aot_options`. Raises
+    :class:`TensorRTUnavailableError` when TensorRT is missing; any other failure raises
+    :class:`PluginRegistrationError` (chained to the cause), now and on every later call.
+    The AOT implementation is registered when ``tensorrt.plugin`` has ``aot_impl``
+    (TensorRT >= 10.9).
     """
     with _LOCK:
         if _STATE["registered"]:
             return dict(_STATE)
+        if _STATE["error"] is not None:
+            cause = _STATE["error"]
+            raise PluginRegistrationError(f"registering the {PLUGIN_ID} TensorRT plugin failed earlier in this "
+                                          f"process: {type(cause).__name__}: {cause}") from cause
         trt, trtp = import_tensorrt()
-        if target is None:
-            target = os.environ.get("ESC_TRT_PTX_TARGET")
-        if target is None:
-            try:
-                target = device_target()
-            except Exception:
-                target = DEFAULT_TARGET
-        if ptx_version is None and os.environ.get("ESC_TRT_PTX_VERSION"):
-            ptx_version = int(os.environ["ESC_TRT_PTX_VERSION"])
-        if ptx_version is None:
-            ptx_version = driver_ptx_version()
-
-        @trtp.register(PLUGIN_ID)
-        def window_attention_desc(qkv: trtp.TensorDesc, table: trtp.TensorDesc, window: int,
-                                  heads: int) -> trtp.TensorDesc:
-            dims = qkv.shape_expr
-            return trtp.from_shape_expr((dims[0], heads * HEAD_DIM, dims[2], dims[3]), dtype=qkv.dtype)
-
-        @trtp.impl(PLUGIN_ID)
-        def window_attention_impl(qkv, table, window, heads, outputs, stream):
-            import torch
-
-            from models.kernels.window_attention_triton import window_attention_triton
-
-            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                result = window_attention_triton(tensor_to_torch(qkv), tensor_to_torch(table), int(window),
-                                                 int(heads), block_m=block_m, block_n=block_n)
-                tensor_to_torch(outputs[0]).copy_(result)
-
-        has_aot = hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
-        if has_aot:
-            launch_return = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
-
-            def window_attention_aot(qkv, table, window, heads, outputs, tactic) -> launch_return:
-                kernel = compile_kernel(dtype_name_of_trt(qkv.dtype), int(window), int(heads), block_m, block_n,
-                                        target, table_dtype=dtype_name_of_trt(table.dtype), num_warps=num_warps,
-                                        ptx_version=ptx_version)
-                dims = qkv.shape_expr
-                grid, scalars = launch_config(dims[0], dims[2], dims[3], int(window), int(heads), block_m,
-                                              cdiv=trtp.cdiv, smax=trtp.max)
-                params = trtp.KernelLaunchParams()
-                params.grid_x, params.grid_y, params.grid_z = grid
-                params.block_x = kernel.metadata.num_warps * 32
-                params.shared_mem = kernel.metadata.shared
-                extra = trtp.SymIntExprs(len(scalars))
-                for i, value in enumerate(scalars):
-                    extra[i] = trtp.SymInt32(value)
-                return kernel.metadata.name, kernel.asm["ptx"], params, extra
-
-            trtp.aot_impl(PLUGIN_ID)(window_attention_aot)
-        _STATE.update(registered=True, aot=has_aot, target=str(target), ptx_version=ptx_version,
-                      version=getattr(trt, "__version__", "?"),
-                      plugin=PLUGIN_ID, name=PLUGIN_NAME, namespace=PLUGIN_NAMESPACE)
+        try:
+            resolved = aot_options(target, ptx_version)
+            has_aot = _register(trtp, *resolved, block_m, block_n, num_warps)
+        except Exception as exc:
+            _STATE["error"] = exc
+            raise PluginRegistrationError(f"registering the {PLUGIN_ID} TensorRT plugin failed: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+        _STATE.update(registered=True, aot=has_aot, target=resolved[0], ptx_version=resolved[1],
+                      version=getattr(trt, "__version__", "?"), plugin=PLUGIN_ID, name=PLUGIN_NAME,
+                      namespace=PLUGIN_NAMESPACE)
         return dict(_STATE)
+
+
+def _register(trtp: Any, target: str, ptx_version: Optional[int], block_m: int, block_n: int,
+              num_warps: int) -> bool:
+    """The ``tensorrt.plugin`` decorators; returns whether the AOT implementation was registered."""
+
+    @trtp.register(PLUGIN_ID)
+    def window_attention_desc(qkv: trtp.TensorDesc, table: trtp.TensorDesc, window: int,
+                              heads: int) -> trtp.TensorDesc:
+        dims = qkv.shape_expr
+        return trtp.from_shape_expr((dims[0], heads * HEAD_DIM, dims[2], dims[3]), dtype=qkv.dtype)
+
+    @trtp.impl(PLUGIN_ID)
+    def window_attention_impl(qkv, table, window, heads, outputs, stream):
+        import torch
+
+        from models.kernels.window_attention_triton import window_attention_triton
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            result = window_attention_triton(tensor_to_torch(qkv), tensor_to_torch(table), int(window),
+                                             int(heads), block_m=block_m, block_n=block_n)
+            tensor_to_torch(outputs[0]).copy_(result)
+
+    has_aot = hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
+    if has_aot:
+        launch_return = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
+
+        def window_attention_aot(qkv, table, window, heads, outputs, tactic) -> launch_return:
+            kernel = compile_kernel(dtype_name_of_trt(qkv.dtype), int(window), int(heads), block_m, block_n,
+                                    target, table_dtype=dtype_name_of_trt(table.dtype), num_warps=num_warps,
+                                    ptx_version=ptx_version)
+            dims = qkv.shape_expr
+            grid, scalars = launch_config(dims[0], dims[2], dims[3], int(window), int(heads), block_m,
+                                          cdiv=trtp.cdiv, smax=trtp.max)
+            params = trtp.KernelLaunchParams()
+            params.grid_x, params.grid_y, params.grid_z = grid
+            params.block_x = kernel.metadata.num_warps * 32
+            params.shared_mem = kernel.metadata.shared
+            extra = trtp.SymIntExprs(len(scalars))
+            for i, value in enumerate(scalars):
+                extra[i] = trtp.SymInt32(value)
+            return kernel.metadata.name, kernel.asm["ptx"], params, extra
+
+        trtp.aot_impl(PLUGIN_ID)(window_attention_aot)
+    return has_aot
