@@ -26,14 +26,18 @@ def count(name: str, scale: int) -> int:
         return create_model(name, scale).num_params()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m models.params", description="Print the parameter count of every variant and scale.",
         epilog="examples:\n  python -m models.params\n  esc-deploy params --model esc_rib --model sst",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", choices=sorted(VARIANTS), metavar="NAME",
                         help="only this variant (repeatable; default: all)")
-    chosen = parser.parse_args(argv).model
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    chosen = build_parser().parse_args(argv).model
     width = max(len(name) for name in VARIANTS)
     print(f"{'variant':<{width}} {'scale':>5} {'params':>12} {'paper':>10}")
     for name, variant in VARIANTS.items():

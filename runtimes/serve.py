@@ -328,8 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m runtimes.serve",
         description="Serve an ESC artifact on Triton Inference Server (PyTriton) on 127.0.0.1: model 'esc', "
                     "input 'lr' FP32 N x 3 x H x W in [0, 1], output 'sr'.",
-        epilog="example: python -m runtimes.serve artifacts/esc_x4.onnx --max-batch 8 --max-delay-us 2000\n"
-               "then:    python -m runtimes.serve_client photos/ out/ --url http://127.0.0.1:8000 --concurrency 4",
+        epilog="examples:\n"
+               "  python -m runtimes.serve artifacts/esc_x4.onnx --max-batch 8 --max-delay-us 2000\n"
+               "  python -m runtimes.serve openvino:artifacts/esc_x4.onnx --http-port 9000 --max-batch 1\n"
+               "then, from another shell:\n"
+               "  python -m runtimes.serve_client photos/ out/ --url http://127.0.0.1:8000 --concurrency 4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", help="model.onnx (ONNX Runtime), openvino:model.onnx, a checkpoint or an engine")
     parser.add_argument("--http-port", type=_port, default=defaults.http_port,

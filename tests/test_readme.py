@@ -40,7 +40,19 @@ PROGRAMS = {
     "python validation/bicubic_baseline.py": "validation.bicubic_baseline",
     "python benchmarks/run.py": "benchmarks.run",
     "python -m apps.quickstart": "apps.quickstart",
+    "python export/to_triton.py": "export.to_triton",
+    "python -m runtimes.serve": "runtimes.serve",
+    "python -m runtimes.serve_client": "runtimes.serve_client",
+    "python -m models.params": "models.params",
+    "python -m benchmarks.table": "benchmarks.table",
+    "python -m benchmarks.serve_bench": "benchmarks.serve_bench",
 }
+
+
+def _console_commands() -> dict[str, tuple[str, str]]:
+    from apps.cli import COMMANDS
+
+    return COMMANDS
 
 
 def _blocks(language: str) -> list[str]:
@@ -119,7 +131,7 @@ HELP_WITHOUT_EXAMPLE = {
 @pytest.mark.parametrize("module_name", [
     pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason=HELP_WITHOUT_EXAMPLE[name])]
                  if name in HELP_WITHOUT_EXAMPLE else [])
-    for name in sorted({*PROGRAMS.values(), "apps.cli"})
+    for name in sorted({*PROGRAMS.values(), "apps.cli", *(module for module, _ in _console_commands().values())})
 ])
 def test_every_help_teaches_with_an_example(module_name: str) -> None:
     text = _help_text(module_name)
