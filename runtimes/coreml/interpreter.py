@@ -15,7 +15,14 @@ Precision modes (``precision=``):
 * ``"fp32"``: compute everything in float32; fp16 *weights* keep their stored fp16 values,
   activations are never rounded (isolates the weight quantisation error);
 * ``"fp16"``: round every floating result to float16, whatever its declared type (what an
-  fp32 package does when Core ML runs it on the Neural Engine, approximately).
+  fp32 package does when Core ML runs it on the Neural Engine, approximately): values are
+  fp16 *between* ops, but each op computes inside in float32/float64;
+* ``"ane"``: fp16 as the Neural Engine runs it: as ``"fp16"``, and inside the ops that sum
+  (convolution, matmul, attention, softmax, layer_norm, reduce_mean/sum) every intermediate
+  is fp16 and sums use an fp16 accumulator (:mod:`.fp16_kernels`), so an overflow inside an
+  op (LayerNorm's squared deviations) shows as an infinity. Image inputs are quantised to
+  the 8-bit levels a ``CVPixelBuffer`` holds and image outputs rounded to 8 bits, as Core
+  ML does for image features.
 
 Values are kept as float32 arrays even where the program says fp16 (numpy's float16
 arithmetic is slow and has no BLAS); rounding to fp16 after every operation gives the
@@ -31,44 +38,21 @@ import numpy as np
 
 from . import kernels, shape_kernels  # noqa: F401  (they register their kernels)
 from .constexpr import COMPILE_TIME_OPS
+from .fp16_kernels import FP16_KERNELS, round16
 from .reader import DTYPES, FLOAT_TYPES, InterpreterError, MILOp, MILProgram, MILVar, UnsupportedOpError, load_program
 from .registry import KERNELS, Call
 
-__all__ = ["PRECISIONS", "Interpreter", "round16"]
-
-PRECISIONS = ("auto", "fp32", "fp16")
+__all__ = ["PRECISIONS", "Interpreter", "quantise8", "round16"]
 
 
-def round16(a: np.ndarray) -> np.ndarray:
-    """Round float32 values to the nearest float16 (ties to even), kept as float32.
-
-    Bit-exact with ``a.astype(np.float16).astype(np.float32)`` (overflow to inf, fp16
-    subnormals, NaN included) and several times faster: the float32 mantissa is rounded
-    to 10 bits with integer arithmetic; values below fp16's normal range (2**-14) are
-    rounded to multiples of 2**-24, magnitudes above 65504 become infinities.
-    """
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    u = a.view(np.uint32)
-    r = np.empty_like(a)
-    rv = r.view(np.uint32)
-    np.right_shift(u, np.uint32(13), out=rv)
-    np.bitwise_and(rv, np.uint32(1), out=rv)
-    np.add(rv, np.uint32(0x0FFF), out=rv)
-    np.add(rv, u, out=rv)
-    np.bitwise_and(rv, np.uint32(0xFFFFE000), out=rv)
-    if a.size == 0:
-        return r
-    mag = np.bitwise_and(u, np.uint32(0x7FFFFFFF))
-    if mag.min() < np.uint32(0x38800000):  # |a| < 2**-14: fp16 subnormal range
-        small = mag < np.uint32(0x38800000)
-        r[small] = np.round(a[small] * np.float32(16777216.0)) / np.float32(16777216.0)
-    np.bitwise_and(rv, np.uint32(0x7FFFFFFF), out=mag)
-    if mag.max() > np.uint32(0x477FE000):  # above 65504 after rounding (NaN excluded below)
-        big = (mag > np.uint32(0x477FE000)) & (mag <= np.uint32(0x7F800000))
-        r[big] = np.copysign(np.float32(np.inf), a[big])
-    return r
+def quantise8(pixels: np.ndarray) -> np.ndarray:
+    """0..255 values as the 8-bit levels of a Core ML image (rounded to nearest, clipped), as float32."""
+    return np.clip(np.rint(np.asarray(pixels, dtype=np.float32)), 0.0, 255.0)
 
 
+PRECISIONS = ("auto", "fp32", "fp16", "ane")
+#: Precisions whose values are fp16 between ops whatever the program's declared types.
+_FP16_VALUES = ("fp16", "ane")
 
 
 class Interpreter:
@@ -89,6 +73,11 @@ class Interpreter:
                 f"{self.program.path}: the interpreter does not implement the operation(s) {', '.join(unknown)}; "
                 f"add a kernel to runtimes/coreml/kernels.py or execute the package with "
                 f"Core ML on macOS.")
+        self._kernels = dict(KERNELS, **FP16_KERNELS) if precision == "ane" else KERNELS
+        kinds = {f.name: f.type.WhichOneof("Type") for f in self.program.description.output}
+        kinds.update({f.name: f.type.WhichOneof("Type") for f in self.program.description.input})
+        #: Feature names that are Core ML images (8-bit levels in ``"ane"`` mode).
+        self.image_features = frozenset(name for name, kind in kinds.items() if kind == "imageType")
         self._constants: dict[str, Any] = {}
         self._runtime_ops: list[MILOp] = []
         self._load_constants()
@@ -103,7 +92,7 @@ class Interpreter:
         for op in self.program.ops:
             if op.type == "const":
                 val = self._store(op.outputs[0], op.attributes.get("val"))
-                if self.precision == "fp16" and isinstance(val, np.ndarray) and val.dtype == np.float32:
+                if self.precision in _FP16_VALUES and isinstance(val, np.ndarray) and val.dtype == np.float32:
                     val = round16(val)  # an fp32 package's weights, as an fp16 device holds them
                 self._constants[op.outputs[0].name] = val
             elif op.type in COMPILE_TIME_OPS:
@@ -121,7 +110,7 @@ class Interpreter:
         if dtype in FLOAT_TYPES:
             if value.dtype != np.float32:
                 value = value.astype(np.float32)
-            if self.precision == "fp16" or (self.precision == "auto" and dtype == "FLOAT16"):
+            if self.precision in _FP16_VALUES or (self.precision == "auto" and dtype == "FLOAT16"):
                 value = round16(value)
         elif dtype == "BOOL":
             value = value.astype(bool)
@@ -155,9 +144,11 @@ class Interpreter:
                     raise InterpreterError(
                         f"input {var.name!r} has shape {value.shape}; the program expects "
                         f"{tuple('?' if d is None else d for d in var.shape)}")
+            if self.precision == "ane" and var.name in self.image_features:
+                value = quantise8(value)
             env[var.name] = self._finish(MILVar(var.name, var.dtype, None), value)
         for op in self._runtime_ops:
-            fn = KERNELS[op.type]
+            fn = self._kernels[op.type]
             try:
                 result = fn(Call(op, env))
             except InterpreterError:
@@ -173,7 +164,10 @@ class Interpreter:
                 env[var.name] = self._finish(var, value)
             if trace is not None:
                 trace(op, [env[o.name] for o in op.outputs], env)
-        return {name: env[name] for name in self.program.outputs}
+        outputs = {name: env[name] for name in self.program.outputs}
+        if self.precision == "ane":
+            outputs = {name: quantise8(v) if name in self.image_features else v for name, v in outputs.items()}
+        return outputs
 
     @property
     def input_name(self) -> str:

@@ -12,14 +12,14 @@ here untested. Values arrive as float32 (fp16 rounding is the interpreter's job)
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .reader import DTYPES, FLOAT_TYPES, InterpreterError
 from .registry import KERNELS, Call, Kernel, as_f32, axis_index, kernel
 
-__all__ = ["CAST_DTYPES"]
+__all__ = ["CAST_DTYPES", "conv_partial_sums"]
 
 # ``cast``'s dtype strings.
 CAST_DTYPES = {
@@ -273,8 +273,13 @@ def _conv_padding(c: Call, spatial: tuple[int, ...], kernel: tuple[int, ...], st
     raise InterpreterError(f"conv '{c.op.name}': unknown pad_type {pad_type!r}")
 
 
-@kernel("conv")
-def _conv(c: Call) -> np.ndarray:
+def conv_partial_sums(c: Call, block: int | None = None) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
+    """A 2-D convolution (no bias) as the output shape and a stream of partial sums that add up to it.
+
+    Why a stream: the fp32 kernel adds the partial sums in float32, the fp16 kernel of
+    :mod:`.fp16_kernels` in an fp16 accumulator; one walk over the taps serves both.
+    ``block`` caps how many products one partial sum holds (None: a whole row of taps).
+    """
     x, w = as_f32(c.x()), as_f32(c("weight"))
     if x.ndim != 4:  # the exporters write 2-D convolutions only
         raise InterpreterError(f"conv '{c.op.name}': rank-{x.ndim} input is not supported (2-D convolutions only)")
@@ -297,35 +302,48 @@ def _conv(c: Call) -> np.ndarray:
     sh, sw = strides
     dh, dw = dilations
     cin_g, cout_g = cin // groups, cout // groups
-    depthwise = cin_g == 1 and cout_g == 1
-    out = np.zeros((batch, cout, oh, ow), dtype=np.float32)
-    if depthwise:
+    shape = (batch, cout, oh, ow)
+
+    def patch(a: np.ndarray, i: int, j: int) -> np.ndarray:
+        return a[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+
+    def depthwise() -> Iterator[np.ndarray]:
         for i in range(kh):
             for j in range(kw):
-                patch = x[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-                out += patch * w[None, :, 0, i, j, None, None]
-    elif groups == 1:
+                yield patch(x, i, j) * w[None, :, 0, i, j, None, None]
+
+    def dense() -> Iterator[np.ndarray]:
         # One matmul per row of taps: (Cout, Cin*kw) @ (Cin*kw, oh*ow), with contiguous operands
         # (numpy's matmul leaves BLAS for strided views).
         wt = np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(kh, cout, cin * kw)
-        flat = out.reshape(batch, cout, oh * ow)
+        step = block or cin * kw
         for i in range(kh):
             rows = x[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh]
             cols = np.stack([rows[..., j * dw: j * dw + (ow - 1) * sw + 1: sw] for j in range(kw)], axis=2)
             cols = cols.reshape(batch, cin * kw, oh * ow)
-            for b in range(batch):
-                flat[b] += wt[i] @ cols[b]
-    else:
+            for k in range(0, cin * kw, step):
+                yield np.matmul(wt[i][:, k:k + step], np.ascontiguousarray(cols[:, k:k + step])).reshape(shape)
+
+    def grouped() -> Iterator[np.ndarray]:
         wg = np.ascontiguousarray(w.reshape(groups, cout_g, cin_g, kh, kw).transpose(3, 4, 0, 1, 2))
-        out_g = out.reshape(batch, groups, cout_g, oh * ow)
+        step = block or cin_g
         for i in range(kh):
             for j in range(kw):
-                patch = x[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-                patch = np.ascontiguousarray(patch).reshape(batch, groups, cin_g, oh * ow)
-                for b in range(batch):
-                    for g in range(groups):
-                        out_g[b, g] += wg[i, j, g] @ patch[b, g]
-        out = out_g.reshape(batch, cout, oh, ow)
+                p = np.ascontiguousarray(patch(x, i, j)).reshape(batch, groups, cin_g, oh * ow)
+                for k in range(0, cin_g, step):
+                    yield np.matmul(wg[i, j][:, :, k:k + step], p[:, :, k:k + step]).reshape(shape)
+
+    if cin_g == 1 and cout_g == 1:
+        return shape, depthwise()
+    return shape, dense() if groups == 1 else grouped()
+
+
+@kernel("conv")
+def _conv(c: Call) -> np.ndarray:
+    shape, partials = conv_partial_sums(c)
+    out = np.zeros(shape, dtype=np.float32)
+    for part in partials:
+        out += part
     bias = c("bias")
     if bias is not None:
         out += np.asarray(bias, dtype=np.float32)[None, :, None, None]
