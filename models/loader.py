@@ -192,12 +192,7 @@ def load_model(source: str | os.PathLike | Mapping, attention: str = "sdpa", dep
                 f"not {wanted}. Drop the variant option to use them as they are, or pass {wanted} weights.")
     model = build(config)
     load_state_dict_strict(model, sd)
-    model.set_attention(attention, **attention_options)
-    if device is not None:
-        model.to(device)
-    if deploy:
-        model.deploy()
-    return model.eval()
+    return _ready(model, attention, attention_options, device, deploy)
 
 
 def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | None = None,
@@ -220,6 +215,16 @@ def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | N
             torch.manual_seed(seed)
         model = build(config)
         randomise(model)
+    return _ready(model, attention, attention_options, device, deploy)
+
+
+def _ready(model: Model, attention: str, attention_options: dict, device: str | torch.device | None,
+           deploy: bool) -> Model:
+    """The steps every built model takes: attention back-end, device, deploy folds, eval mode.
+
+    Folding after the move keeps the precomputed tensors (dense bias, folded kernels) on
+    the model's device.
+    """
     model.set_attention(attention, **attention_options)
     if device is not None:
         model.to(device)

@@ -335,12 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m runtimes.serve_client photos/ out/ --url http://127.0.0.1:8000 --concurrency 4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", help="model.onnx (ONNX Runtime), openvino:model.onnx, a checkpoint or an engine")
-    parser.add_argument("--http-port", type=_port, default=defaults.http_port,
-                        help=f"HTTP/REST port on 127.0.0.1 (default {defaults.http_port})")
-    parser.add_argument("--grpc-port", type=_port, default=defaults.grpc_port,
-                        help=f"gRPC port on 127.0.0.1 (default {defaults.grpc_port})")
-    parser.add_argument("--metrics-port", type=_port, default=defaults.metrics_port,
-                        help=f"Prometheus metrics port on 127.0.0.1 (default {defaults.metrics_port})")
+    for endpoint, what in (("http", "HTTP/REST"), ("grpc", "gRPC"), ("metrics", "Prometheus metrics")):
+        default = getattr(defaults, f"{endpoint}_port")
+        parser.add_argument(f"--{endpoint}-port", type=_port, default=default,
+                            help=f"{what} port on 127.0.0.1 (default {default})")
     parser.add_argument("--max-batch", type=positive_int, default=defaults.max_batch,
                         help=f"largest batch the dynamic batcher forms (default {defaults.max_batch}; 1 = no batching)")
     parser.add_argument("--max-delay-us", type=non_negative_int, default=defaults.max_delay_us,
