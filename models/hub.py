@@ -3,9 +3,16 @@
 Names are the file names of upstream's test configs; they resolve to the release assets
 of ``dslisleedh/ESC`` tag 1.0.0, downloaded once into a cache directory. Set
 ``ESC_WEIGHTS_URL`` to use a mirror and ``ESC_CACHE_DIR`` to move the cache.
+
+A download takes its cache name only after two checks: the byte count equals the
+server's ``Content-Length`` (an interrupted transfer is short), and the file loads with
+``torch.load(weights_only=True)`` (a truncated or wrong file does not). Anything that
+fails either check is deleted, so the cache never holds a partial checkpoint that a later
+run would trust.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import tempfile
@@ -61,15 +68,20 @@ def resolve(spec: str, progress: bool = True) -> Path:
 
 
 def download(url: str, target: Path, progress: bool = True, timeout: float = 30.0) -> None:
-    """Stream ``url`` to ``target`` atomically (a partial download never takes its name)."""
+    """Stream ``url`` to ``target`` atomically; only a complete, loadable checkpoint takes its name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            _copy_with_progress(response, out, total, target.name, progress)
+            written = _copy_with_progress(response, out, total, target.name, progress)
+        if total is not None and written != total:
+            raise WeightsDownloadError(
+                f"the download of {url} stopped after {written} of {total} bytes (connection dropped?). "
+                f"Nothing was cached; run the command again to retry")
+        _check_loadable(Path(tmp_name), url)
         os.replace(tmp_name, target)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
         Path(tmp_name).unlink(missing_ok=True)
         raise WeightsDownloadError(
             f"could not download {url} ({exc}). If this machine is offline, download that file "
@@ -80,14 +92,31 @@ def download(url: str, target: Path, progress: bool = True, timeout: float = 30.
         raise
 
 
-def _copy_with_progress(src, dst, total: int | None, label: str, progress: bool) -> None:
+def _check_loadable(path: Path, url: str) -> None:
+    """Refuse a file ``torch.load(weights_only=True)`` cannot read: truncated, or not a checkpoint."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to parse means the bytes are not a usable checkpoint
+        raise WeightsDownloadError(
+            f"{url} did not download as a readable weights-only checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Nothing was cached; check "
+            f"ESC_WEIGHTS_URL points at the release assets and retry") from None
+
+
+def _copy_with_progress(src, dst, total: int | None, label: str, progress: bool) -> int:
+    """Copy ``src`` to ``dst`` in 1 MiB chunks with a progress bar; returns the bytes copied."""
     from tqdm import tqdm
 
+    written = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}",
               disable=not progress, leave=False) as bar:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
+            written += len(chunk)
             bar.update(len(chunk))
+    return written
 
 
 def clear_cache() -> None:
