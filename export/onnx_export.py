@@ -81,6 +81,7 @@ import torch
 
 from models.errors import ESCError
 
+from runtimes.cli_args import SIZE_SYNTAX, parse_size
 from runtimes.metadata import ArtifactMetadata, write_onnx_metadata
 from validation.compare import ComparisonResult, compare, threshold_for
 
@@ -127,22 +128,25 @@ class OnnxExportError(ESCError, ValueError):
 
 # -- options ------------------------------------------------------------------------------------
 def parse_shape(value: str | tuple[int, int] | list[int] | None) -> Shape:
-    """``"dynamic"`` (or None) or ``"HxW"`` / ``(H, W)`` -> ``"dynamic"`` or ``(H, W)``."""
+    """``"dynamic"`` (or None), ``"WIDTHxHEIGHT"`` or a ``(H, W)`` tuple -> ``"dynamic"`` or ``(H, W)``.
+
+    Strings are what a person types, so they follow the project's one size syntax
+    (:func:`runtimes.cli_args.parse_size`: width first); tuples are tensor order (height first).
+    """
     if value is None or (isinstance(value, str) and value.strip().lower() == "dynamic"):
         return "dynamic"
     if isinstance(value, str):
-        parts = value.lower().replace("*", "x").split("x")
         try:
-            h, w = (int(p) for p in parts)
-        except ValueError:
-            raise OnnxExportError(f"shape must be 'dynamic' or HxW such as 128x96, got {value!r}") from None
+            h, w = parse_size(value)
+        except ValueError as exc:
+            raise OnnxExportError(f"shape must be 'dynamic' or {SIZE_SYNTAX} (width first): {exc}") from None
     else:
         try:
             h, w = (int(v) for v in value)
         except (TypeError, ValueError):
             raise OnnxExportError(f"shape must be 'dynamic' or (H, W), got {value!r}") from None
     if h < 1 or w < 1:
-        raise OnnxExportError(f"shape sides must be >= 1, got {h}x{w}")
+        raise OnnxExportError(f"shape sides must be >= 1, got height {h}, width {w}")
     return (h, w)
 
 
@@ -191,8 +195,10 @@ def prepare_for_export(model: "ESCBase") -> "ESCBase":
         raise OnnxExportError(
             f"attention={name!r} cannot be exported to ONNX; use one of {', '.join(EXPORTABLE_ATTENTION)} "
             f"(sdpa gives the native Attention op at opset 23; the numbers are the same).")
-    # Leave the 16 MB/block dense bias caches out of the copy (deploy would drop them anyway).
-    memo = {id(attn.cached_bias): None for attn in model.attention_modules() if attn.cached_bias is not None}
+    # Leave ESC's 16 MB/block dense bias caches out of the copy (deploy would drop them anyway);
+    # RIB layers have no such cache.
+    memo = {id(cache): None for attn in model.attention_modules()
+            if (cache := getattr(attn, "cached_bias", None)) is not None}
     prepared = copy.deepcopy(model, memo)
     prepared = prepared.to("cpu").float()
     prepared.deploy(precompute_bias=False)
@@ -335,7 +341,7 @@ def clean_graph(model) -> "onnx.ModelProto":
     from onnx_ir.passes import common as common_passes
 
     ir.passes.Sequential(common_passes.InlinePass(), common_passes.RemoveUnusedNodesPass())(model)
-    ooptimizer.fold_constants_ir(model, onnx_shape_inference=True, output_size_limit=FOLD_LIMIT_BYTES // 4)
+    ooptimizer.fold_constants_ir(model, onnx_shape_inference=True, output_size_limit=FOLD_LIMIT_BYTES // 4 - 1)
     ir.passes.Sequential(
         common_passes.RemoveUnusedNodesPass(),
         common_passes.CommonSubexpressionEliminationPass(),
@@ -481,7 +487,7 @@ def simplify_graph(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     """onnxslim with constant folding capped at ``FOLD_LIMIT_BYTES``; a new proto."""
     import onnxslim
 
-    slim = onnxslim.slim(copy.deepcopy(proto), size_threshold=FOLD_LIMIT_BYTES)
+    slim = onnxslim.slim(copy.deepcopy(proto), size_threshold=FOLD_LIMIT_BYTES - 1)
     if slim is None:   # pragma: no cover - onnxslim returns None only when its own check fails
         raise RuntimeError("onnxslim returned no model")
     slim.ir_version = IR_VERSION

@@ -5,7 +5,7 @@ Examples (from the repository root)::
     python export/to_onnx.py --weights ESC_DIV2K_X4.pth                      # variant and scale from the weights
     python export/to_onnx.py --model esc --scale 4 --weights official:ESC_DIV2K_X4 --opset 23
     python export/to_onnx.py --weights ESC_light_X4.pth --precision fp16 --fp32-io -o esc_light_fp16.onnx
-    python export/to_onnx.py --weights ESC_FP_X2.pth --shape 256x256 --batch 1
+    python export/to_onnx.py --weights ESC_FP_X2.pth --shape 320x240 --batch 1             # 320 wide, 240 tall
     python -m export.to_onnx --model esc_fp --scale 2                          # random weights (warned)
 
 Defaults: dynamic batch, height and width; opset 18 (attention as MatMul/Softmax; opset 23
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=ox.PRECISIONS, default="fp32", help="weights and compute (default fp32)")
     p.add_argument("--fp32-io", action="store_true",
                    help="fp16 graph with float32 input/output (Cast nodes at the boundary)")
-    p.add_argument("--shape", default="dynamic", help="'dynamic' (default) or a fixed input size HxW, e.g. 128x128")
+    p.add_argument("--shape", default="dynamic",
+                   help="'dynamic' (default) or a fixed input size WIDTHxHEIGHT, e.g. 160x120 (160 wide, 120 tall)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--exact-dynamic-kernel", action="store_true",

@@ -473,7 +473,9 @@ def test_small_helpers(tmp_path: Path, capsys) -> None:
     common.print_summary("Title", [("artifact", "a.onnx"), ("nodes", "x " * 80)])
     out = capsys.readouterr().out.splitlines()
     assert "Title" in out[0] and len({len(line) for line in out}) == 1   # a closed box
-    assert ox.parse_shape("128x96") == (128, 96) and ox.parse_shape("dynamic") == "dynamic"
+    # Typed sizes are WIDTHxHEIGHT (runtimes.cli_args.parse_size); tuples are (H, W), tensor order.
+    assert ox.parse_shape("128x96") == (96, 128) and ox.parse_shape("dynamic") == "dynamic"
+    assert ox.parse_shape((96, 128)) == (96, 128)
     assert ox.parse_batch("4") == 4 and ox.parse_batch("dynamic") == "dynamic"
     for bad in ("0x5", "axb", "12"):
         with pytest.raises(ValueError):
