@@ -1,10 +1,16 @@
 """Checks on a saved package, read back the way Core ML reads it (:mod:`runtimes.coreml`).
 
-Why after saving: what ships is the file, not coremltools' in-memory program. Checked:
-the largest tensor rank (Core ML allows :data:`MAX_RANK`), every op available in the
-chosen target's opset (coremltools' MIL op registry), the program's opset not newer than
-the target, and every reflect-mode ``pad`` legal (pad < size) at each declared input
-shape. A failing package never takes its final name.
+Why after saving: what ships is the file, not coremltools' in-memory program. Two kinds:
+
+* **our contract** (what the exporter promises and coremltools does not know about):
+  every requested input shape is served by a function of exactly that shape (or is one
+  of the enumerated shapes), and every output is ``scale`` times the input;
+* **safety nets** (re-checks of what coremltools already guarantees when it converts for
+  the same target; they catch a broken converter or a hand-edited package, and are
+  labelled as such in the summary): tensor rank <= :data:`MAX_RANK`, every op in the
+  target's opset, the opset not newer than the target, reflect pads legal (pad < size).
+
+The Neural Engine contract is :mod:`.lint`. A failing package never takes its final name.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from runtimes.coreml.constexpr import COMPILE_TIME_OPS
 from runtimes.coreml.reader import MILOp, MILProgram, load_program
 
 from .convert import coremltools
+from .lint import function_names
 from .options import TARGETS, PackageCheckError
 
 __all__ = ["MAX_RANK", "PackageReport", "check_package", "inspect_package", "ops_unavailable_on"]
@@ -50,10 +57,12 @@ class PackageReport:
     inputs: list[str]
     outputs: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
+    functions: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> fixed (H, W) input
+    contract_problems: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
-        found = []
+        found = list(self.contract_problems)
         if self.max_rank > MAX_RANK:
             found.append(f"tensors of rank {self.max_rank} (Core ML allows at most {MAX_RANK}): "
                          f"{', '.join(self.max_rank_vars[:5])}")
@@ -112,17 +121,67 @@ def _opset_problem(program: MILProgram, target: str) -> str | None:
     return None
 
 
+def _served_shapes(program: MILProgram) -> list[tuple[int, int]]:
+    """(H, W) sizes one function accepts: its fixed input shape, else its enumerated list."""
+    shape = program.inputs[0].shape if program.inputs else None
+    if shape is not None and len(shape) == 4 and None not in shape:
+        return [(int(shape[2]), int(shape[3]))]
+    return program.input_shapes()
+
+
+def _contract_problems(programs: dict[str, MILProgram], shapes: Sequence[tuple[int, int]] | None,
+                       scale: int | None) -> list[str]:
+    """Requested shapes without a function serving them; outputs not ``scale`` times the input."""
+    found: list[str] = []
+    served = {size: name for name, program in programs.items() for size in _served_shapes(program)}
+    for h, w in shapes or []:
+        if (h, w) not in served:
+            found.append(f"no function serves the requested {w}x{h} input (the package serves "
+                         f"{', '.join(f'{sw}x{sh}' for sh, sw in served) or 'no fixed shape'})")
+    for name, program in programs.items():
+        out = program.var_types().get(program.outputs[0]) if program.outputs else None
+        fixed = _served_shapes(program)
+        if scale and out is not None and out.shape and None not in out.shape and len(fixed) == 1:
+            h, w = fixed[0]
+            if tuple(out.shape[-2:]) != (scale * h, scale * w):
+                found.append(f"function {name}: output {tuple(out.shape)} is not x{scale} of the {w}x{h} input")
+    return found
+
+
 def inspect_package(path: str | os.PathLike, target: str | None = None,
-                    shapes: Sequence[tuple[int, int]] | None = None) -> PackageReport:
-    """Read a saved package back and measure what the checks need.
+                    shapes: Sequence[tuple[int, int]] | None = None, scale: int | None = None) -> PackageReport:
+    """Read a saved package back (every function of it) and measure what the checks need.
 
     ``target``: the deployment target to check op availability against (default: the
-    program's own opset). ``shapes``: the (H, W) input shapes at which reflect pads with
-    symbolic sizes are evaluated (default: the shapes the package declares).
+    program's own opset). ``shapes``: the (H, W) input shapes asked for: each must be
+    served, and symbolic reflect pads are evaluated at them (default: the declared ones).
+    ``scale``: the upscaling factor every output must have (default: not checked).
     """
-    program = load_program(path)
-    target = target or program.target
-    max_rank, max_vars = _max_rank(program)
+    programs = {name: load_program(path, function=name) for name in function_names(path)}
+    first = next(iter(programs.values()))
+    target = target or first.target
+    histogram: Counter = Counter()
+    max_rank, max_vars, unavailable, pads, problems = 0, [], set(), 0, []
+    for program in programs.values():
+        histogram += program.histogram()
+        rank, rank_vars = _max_rank(program)
+        if rank > max_rank:
+            max_rank, max_vars = rank, rank_vars
+        unavailable.update(ops_unavailable_on([op.type for op in program.ops], target))
+        found, count = _reflect_pad_problems(program, shapes if len(programs) == 1 else None)
+        pads += count
+        problems += found
+    return PackageReport(
+        path=Path(path), size_bytes=path_size(path), opset=first.opset, target=target,
+        histogram=histogram, max_rank=max_rank, max_rank_vars=max_vars, unavailable_ops=sorted(unavailable),
+        reflect_pads=pads, reflect_pad_problems=problems, opset_problem=_opset_problem(first, target),
+        inputs=[v.name for v in first.inputs], outputs=list(first.outputs), metadata=first.metadata,
+        functions={name: _served_shapes(p)[0] for name, p in programs.items() if len(_served_shapes(p)) == 1},
+        contract_problems=_contract_problems(programs, shapes, scale))
+
+
+def _reflect_pad_problems(program: MILProgram, shapes: Sequence[tuple[int, int]] | None) -> tuple[list[str], int]:
+    """Illegal reflect pads of one function (pad >= size), and how many reflect pads it has."""
     pads = [op for op in program.ops if op.type == "pad" and _pad_mode(program, op) == "reflect"]
     problems: list[str] = []
     var_types = program.var_types()
@@ -136,12 +195,7 @@ def inspect_package(path: str | os.PathLike, target: str | None = None,
         problems += reflect_problems(op.name, x_type.shape, amounts, None)
     if symbolic:
         problems += _reflect_problems_by_running(program, symbolic, shapes or program.input_shapes())
-    return PackageReport(
-        path=Path(path), size_bytes=path_size(path), opset=program.opset, target=target,
-        histogram=program.histogram(), max_rank=max_rank, max_rank_vars=max_vars,
-        unavailable_ops=ops_unavailable_on([op.type for op in program.ops], target),
-        reflect_pads=len(pads), reflect_pad_problems=problems, opset_problem=_opset_problem(program, target),
-        inputs=[v.name for v in program.inputs], outputs=list(program.outputs), metadata=program.metadata)
+    return problems, len(pads)
 
 
 def _const_value(program: MILProgram, op: MILOp, key: str) -> Any:

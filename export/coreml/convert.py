@@ -12,8 +12,9 @@ the converter there)::
 * **Constant folding.** coremltools is told not to fold tensors above
   :data:`CONST_FOLD_LIMIT` elements: otherwise it folds the attention bias gather into a
   16 MB constant per block (ESC: +80 MB fp32).
-* **Image I/O.** ``ct.ImageType`` input with ``scale=1/255`` (Core ML feeds 0..255
-  pixels) and an image output (the module is wrapped by :class:`export.coreml.form.ImageOutput`).
+* **Image I/O.** ``ct.ImageType`` input and output (Core ML feeds and takes 0..255 pixels);
+  the 1/255 scaling is inside the module (:class:`export.coreml.form.ImageIO`), so it runs
+  in fp16 in fp16 programs. Tensor I/O is float32 or, with ``io_dtype="fp16"``, float16.
 * **torch 2.13 / coremltools 9 mismatches** (:func:`patch_graph_for_coremltools`), and
   per-pass whole-program re-validation skipped (:func:`validate_once_per_pass_group`).
 """
@@ -132,19 +133,25 @@ def validate_once_per_pass_group() -> Iterator[None]:
         Program.validate = original  # type: ignore[method-assign]
 
 
-def convert_program(ep: torch.export.ExportedProgram, cfg: CoreMLExportConfig) -> Any:
-    """``ct.convert`` an exported program into an (unsaved) ML program model."""
+def convert_program(ep: torch.export.ExportedProgram, cfg: CoreMLExportConfig,
+                    size: tuple[int, int] | None = None) -> Any:
+    """``ct.convert`` an exported program into an (unsaved) ML program model.
+
+    ``size``: the one fixed (H, W) of this program (a tile of a multifunction package);
+    default: the config's declared shape(s).
+    """
     ct = coremltools()
-    shapes = [(1, 3, h, w) for h, w in cfg.declared_shapes]
+    shapes = [(1, 3, h, w) for h, w in ([size] if size else cfg.declared_shapes)]
     shape: Any = shapes[0]
-    if cfg.enumerated:
+    if cfg.enumerated and size is None:
         shape = ct.EnumeratedShapes(shapes=shapes, default=shapes[0])
     if cfg.image_io:
-        inputs = [ct.ImageType(name=INPUT_NAME, shape=shape, scale=1.0 / 255.0, color_layout=ct.colorlayout.RGB)]
+        inputs = [ct.ImageType(name=INPUT_NAME, shape=shape, color_layout=ct.colorlayout.RGB)]
         outputs = [ct.ImageType(name=OUTPUT_NAME, color_layout=ct.colorlayout.RGB)]
     else:
-        inputs = [ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)]
-        outputs = [ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)]
+        io_dtype = np.float16 if cfg.io_dtype == "fp16" else np.float32
+        inputs = [ct.TensorType(name=INPUT_NAME, shape=shape, dtype=io_dtype)]
+        outputs = [ct.TensorType(name=OUTPUT_NAME, dtype=io_dtype)]
     target = getattr(ct.target, cfg.target)
     precision = ct.precision.FLOAT16 if cfg.precision == "fp16" else ct.precision.FLOAT32
     try:

@@ -2,10 +2,16 @@
 
 Why a copy: an exporter that switched the caller's attention back-end or kernel form
 would silently change what the caller's model computes afterwards (and how fast). The
-forms themselves are model options (``models/``): attention ``"coreml"`` (SDPA with no
-explicit scale and the bias gathered from its table, :class:`models.attention.CoreMLBackend`)
-and the compact dynamic 3x3 form ``set_dynamic_kernel_form("conv")`` (ESC's program
-drops from ~2100 to ~710 ops, conversion takes half the time).
+forms themselves are model options (``models/``):
+
+- ``ane`` (:func:`models.ane.ane_form`): rank-4 tensors, the attention bias as per-head
+  constants, no gathers, fixed shapes: what the Neural Engine compiles;
+- ``compat``: attention ``"coreml"`` (SDPA with no explicit scale and the bias gathered
+  from its small table, :class:`models.attention.CoreMLBackend`) and the compact dynamic
+  3x3 form ``set_dynamic_kernel_form("conv")``: any target, enumerated shapes, small package.
+
+RIB models (ESC-RIB, SST) have no bias table: their factors are folded into constants by
+``deploy`` and their mask-free ``sdpa`` back-end is converted as is (``compat`` only).
 """
 from __future__ import annotations
 
@@ -18,45 +24,66 @@ from export.common import resolve_weights_arg
 
 from .options import CoreMLExportConfig, CoreMLExportError
 
-__all__ = ["ImageOutput", "build_model", "export_copy", "prepare_model"]
+__all__ = ["ImageIO", "build_model", "export_copy", "is_rib_model", "prepare_model"]
 
 
-class ImageOutput(nn.Module):
-    """``clamp(model(x) * 255, 0, 255)``: what a Core ML image output needs (no output scale)."""
+class ImageIO(nn.Module):
+    """``clamp(model(x / 255) * 255, 0, 255)``: 0..255 image pixels in and out.
+
+    The scaling lives in the model rather than in ``ct.ImageType(scale=...)``: there
+    coremltools applies it in fp32 before the input cast, an fp32 op the Neural Engine
+    does not run; here it runs in the program's compute precision.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(self.model(x) * 255.0, 0.0, 255.0)
+        return torch.clamp(self.model(x * (1.0 / 255.0)) * 255.0, 0.0, 255.0)
 
 
-def prepare_model(model: nn.Module, bias: str = "table") -> nn.Module:
-    """A deployed copy of an ESC model with the ``coreml`` attention in every block.
+def is_rib_model(model: nn.Module) -> bool:
+    """ESC-RIB / SST: attention with folded positional factors instead of a bias table."""
+    from models.rib.network import RIBNetwork
 
-    The caller's model is left as it was (attention back-end, folds, weights).
-    """
+    return isinstance(model, RIBNetwork)
+
+
+def prepare_model(model: nn.Module, bias: str = "table", form: str = "compat",
+                  query_chunk: int | None = None) -> nn.Module:
+    """A deployed copy of an ESC (or RIB) model in the export ``form``; the caller's model is left as it was."""
     if not hasattr(model, "attention_modules"):
         raise CoreMLExportError(f"{type(model).__name__} is not an ESC model (no attention modules)")
     prepared = copy.deepcopy(model)
+    if is_rib_model(prepared):
+        if form == "ane":
+            raise CoreMLExportError(f"{type(model).__name__} (a RIB model) has no ANE form yet; export it with "
+                                    f"--form compat (its mask-free SDPA attention)")
+        prepared.deploy(precompute_bias=True)
+        return prepared.set_attention("sdpa").eval()
+    if form == "ane":
+        return prepared.ane_form(query_chunk)
     prepared.deploy(precompute_bias=bias == "dense")
     prepared.set_attention("coreml", bias=bias)
     return prepared.eval()
 
 
 def export_copy(module: nn.Module, image_io: bool) -> nn.Module:
-    """The module that is traced: a copy, every ESC model inside in the compact kernel form,
-    wrapped in :class:`ImageOutput` for image packages."""
+    """The module that is traced: a copy, every compat-form ESC model inside in the compact
+    kernel form (the ANE form has its own), wrapped in :class:`ImageIO` for image packages."""
+    from models.ane import AneModel
+
     traced = copy.deepcopy(module).eval()
+    ane_models = [sub.model for sub in traced.modules() if isinstance(sub, AneModel)]
     for sub in traced.modules():  # ``module`` may wrap the model
-        if hasattr(sub, "set_dynamic_kernel_form"):
+        if hasattr(sub, "set_dynamic_kernel_form") and not any(sub is m for m in ane_models):
             sub.set_dynamic_kernel_form("conv")
-    return ImageOutput(traced) if image_io else traced
+    return ImageIO(traced) if image_io else traced
 
 
 def build_model(cfg: CoreMLExportConfig) -> tuple[nn.Module, str | None]:
-    """The deployed ESC model for ``cfg`` and the weights' sha256 (None for random weights).
+    """The deployed model for ``cfg`` in its form, and the weights' sha256 (None for random weights).
 
     Weights are read as every exporter reads them (:func:`export.common.resolve_weights_arg`:
     strict load, variant and scale checked against ``cfg.model`` / ``cfg.scale`` when
@@ -65,4 +92,4 @@ def build_model(cfg: CoreMLExportConfig) -> tuple[nn.Module, str | None]:
     model, sha = resolve_weights_arg(cfg.model, cfg.scale, cfg.weights, deploy=False)
     cfg.model = model.descriptor.variant
     cfg.scale = model.scale
-    return prepare_model(model, cfg.bias), sha
+    return prepare_model(model, cfg.bias, cfg.form, cfg.query_chunk), sha

@@ -1,16 +1,21 @@
 """One export, end to end: trace, convert, describe, save atomically, check what was saved.
 
 A failing package never takes its final name: it is saved into a temporary directory,
-read back and checked (:mod:`.checks`), and renamed into place only after the checks
-pass. Parity with PyTorch is :func:`export.verify.verify_artifact` on the written package
-(the numpy interpreter on Linux), run by the command's ``--verify``.
+read back and checked (:mod:`.checks`; for Neural Engine targets also the ANE lint,
+:mod:`.lint`), and renamed into place only after the checks pass. Several tiles become
+one static function each in a multifunction package (coremltools'
+``MultiFunctionDescriptor`` / ``save_multifunction``; weights shared by the functions
+are stored once). Parity with PyTorch is :mod:`.parity` on the written package (the
+numpy interpreter on Linux, every function), run by the command's ``--verify``.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +24,10 @@ from export.common import atomic_output
 from runtimes.metadata import ArtifactMetadata
 
 from .checks import PackageReport, check_package, inspect_package
-from .convert import convert_program, export_program
+from .convert import convert_program, coremltools, export_program
 from .form import build_model, export_copy
-from .metadata import apply_metadata, artifact_metadata
+from .lint import LintReport, lint_package, source_map
+from .metadata import apply_metadata, artifact_metadata, copy_package_metadata, function_name
 from .options import CoreMLExportConfig, CoreMLExportError, default_output_path
 
 __all__ = ["ExportResult", "convert_module", "export_coreml"]
@@ -37,6 +43,7 @@ class ExportResult:
     metadata: ArtifactMetadata
     attention: str
     model: nn.Module | None = field(default=None, repr=False)  # the PyTorch model that was converted
+    lint: LintReport | None = None  # the ANE lint, for Neural Engine targets
 
 
 def _attention_form(report: PackageReport) -> str:
@@ -45,13 +52,13 @@ def _attention_form(report: PackageReport) -> str:
     return f"decomposed: matmul x{report.histogram.get('matmul', 0)} + softmax x{report.histogram.get('softmax', 0)}"
 
 
-def _trace_example(module: nn.Module, cfg: CoreMLExportConfig,
-                   model: nn.Module | None) -> tuple[torch.Tensor, int | None]:
+def _trace_example(module: nn.Module, cfg: CoreMLExportConfig, model: nn.Module | None,
+                   size: tuple[int, int] | None = None) -> tuple[torch.Tensor, int | None]:
     """The example input to trace and, for enumerated shapes, the window its sizes are multiples of."""
     shapes = cfg.declared_shapes
     seed = torch.Generator().manual_seed(0)
-    if not cfg.enumerated:
-        return torch.rand(1, 3, *shapes[0], generator=seed), None
+    if not cfg.enumerated or size is not None:
+        return torch.rand(1, 3, *(size or shapes[0]), generator=seed), None
     window = getattr(getattr(model or module, "config", None), "window_size", None) or 32
     bad = [f"{h}x{w}" for h, w in shapes if h % window or w % window]
     if bad:
@@ -64,6 +71,50 @@ def _trace_example(module: nn.Module, cfg: CoreMLExportConfig,
     return torch.rand(1, 3, 2 * window, 2 * window, generator=seed), window
 
 
+def _convert_one(traced: nn.Module, cfg: CoreMLExportConfig, model: nn.Module | None, meta: ArtifactMetadata,
+                 size: tuple[int, int] | None, sources: dict[str, str]) -> Any:
+    """Trace and convert ``traced`` at one fixed ``size`` (None: the config's shape(s)), metadata applied."""
+    example, window = _trace_example(traced, cfg, model, size)
+    shapes = [size] if size else cfg.declared_shapes
+    ep = export_program(traced, example, dynamic_multiple=window,
+                        max_size=(max(h for h, _ in shapes), max(w for _, w in shapes)))
+    sources.update(source_map(ep))
+    ml = convert_program(ep, cfg, size)
+    apply_metadata(ml, cfg, meta)
+    return ml
+
+
+def _save(ml: Any, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml.save(str(path))
+    # coremltools writes ExecuTorch's op-to-source mapping (~1 MB for ESC) beside the
+    # package data for torch.export sources; Core ML never reads it (it is not in the
+    # package manifest), so it is dropped.
+    debug_map = path / "executorch_debug_handle_mapping.json"
+    if debug_map.is_file():
+        debug_map.unlink()
+
+
+def _save_multifunction(traced: nn.Module, cfg: CoreMLExportConfig, model: nn.Module | None,
+                        meta: ArtifactMetadata, out: Path, sources: dict[str, str]) -> None:
+    """One static function ``tile_<W>x<H>`` per tile, the first one the default."""
+    ct = coremltools()
+    with tempfile.TemporaryDirectory(prefix="coreml_tiles_") as scratch:
+        desc = ct.utils.MultiFunctionDescriptor()
+        first = None
+        for h, w in cfg.declared_shapes:
+            part = Path(scratch) / f"{function_name(h, w)}.mlpackage"
+            _save(_convert_one(traced, cfg, model, meta, (h, w), sources), part)
+            desc.add_function(str(part), src_function_name="main", target_function_name=function_name(h, w))
+            first = first or part
+        desc.default_function_name = function_name(*cfg.declared_shapes[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ct.utils.save_multifunction(desc, str(out))
+        copy_package_metadata(first, out)
+
+
 def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.PathLike | None = None,
                    model_for_metadata: nn.Module | None = None, weights_sha256: str | None = None,
                    check: bool = True) -> ExportResult:
@@ -72,8 +123,8 @@ def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.
     This is what :func:`export_coreml` uses after building the model; tests feed it wrapped
     or deliberately broken modules. ``module`` itself is not changed (a copy is traced,
     :func:`export.coreml.form.export_copy`). With ``check=True`` a package failing
-    :func:`export.coreml.checks.inspect_package` raises :class:`PackageCheckError` and
-    nothing is written.
+    :func:`export.coreml.checks.inspect_package` (or, for Neural Engine targets, the ANE
+    lint) raises :class:`PackageCheckError` and nothing is written.
     """
     cfg.validate()
     if cfg.scale is None:
@@ -83,28 +134,22 @@ def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.
     out = Path(output or cfg.output or default_output_path(cfg))
     if out.suffix != ".mlpackage":
         raise CoreMLExportError(f"the output must end in .mlpackage (ML programs are packages), got {out}")
-    example, window = _trace_example(module, cfg, model_for_metadata)
-    shapes = cfg.declared_shapes
-    ep = export_program(export_copy(module, cfg.image_io), example, dynamic_multiple=window,
-                        max_size=(max(h for h, _ in shapes), max(w for _, w in shapes)))
-    ml = convert_program(ep, cfg)
+    traced = export_copy(module, cfg.image_io)
     meta = artifact_metadata(cfg, model_for_metadata, weights_sha256)
-    apply_metadata(ml, cfg, meta)
+    sources: dict[str, str] = {}
     with atomic_output(out) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ml.save(str(tmp))
-        # coremltools writes ExecuTorch's op-to-source mapping (~1 MB for ESC) beside the
-        # package data for torch.export sources; Core ML never reads it (it is not in the
-        # package manifest), so it is dropped.
-        debug_map = Path(tmp) / "executorch_debug_handle_mapping.json"
-        if debug_map.is_file():
-            debug_map.unlink()
-        report = inspect_package(tmp, cfg.target, shapes)
+        if cfg.multifunction:
+            _save_multifunction(traced, cfg, model_for_metadata, meta, Path(tmp), sources)
+        else:
+            _save(_convert_one(traced, cfg, model_for_metadata, meta, None, sources), Path(tmp))
+        report = inspect_package(tmp, cfg.target, cfg.declared_shapes, cfg.scale)
+        lint = lint_package(tmp, sources) if cfg.ane_target else None
         if check:
             check_package(report)
+            if lint is not None:
+                lint.raise_if_failed()
     report.path = out
-    return ExportResult(out, cfg, report, meta, _attention_form(report), model_for_metadata)
+    return ExportResult(out, cfg, report, meta, _attention_form(report), model_for_metadata, lint)
 
 
 def export_coreml(cfg: CoreMLExportConfig) -> ExportResult:
