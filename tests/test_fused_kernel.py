@@ -31,6 +31,7 @@ if DEVICE.type == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -264,12 +265,13 @@ def test_kernel_rejects_bad_arguments(
     not torch.cuda.is_available(),
     reason="needs a CUDA GPU: full-size check of the compiled kernel (the CPU interpreter is too slow at this size)",
 )
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("height", [180, 192], ids=["LR-180x320-padded", "192x320-unpadded"])
-def test_full_size_fp16_on_gpu(height: int) -> None:
-    """ESC x4 HD shape: LR 180x320 (padded to 192x320), C=64, 4 heads, w=32, fp16."""
-    qkv, table = _inputs(1, 4, height, 320, 32, torch.float16, torch.float32, seed=3)
+def test_full_size_on_gpu(height: int, dtype: torch.dtype) -> None:
+    """ESC x4 HD shape: LR 180x320 (padded to 192x320), C=64, 4 heads, w=32, in each precision."""
+    qkv, table = _inputs(1, 4, height, 320, 32, dtype, torch.float32, seed=3)
     out = window_attention_triton(qkv, table, 32, 4)
-    _assert_close(out, window_attention_reference(qkv, table, 32, 4), torch.float16)
+    _assert_close(out, window_attention_reference(qkv, table, 32, 4), dtype)
 
 
 @pytest.mark.skipif(KERNEL_RUNNABLE, reason="the kernel runs in this process, so no fresh process is needed")
@@ -280,7 +282,7 @@ def test_kernel_suite_in_fresh_process() -> None:
     else:
         env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not fresh_process"],
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, "-k", "not fresh_process"],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,
@@ -288,6 +290,12 @@ def test_kernel_suite_in_fresh_process() -> None:
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    # Exit 0 alone would also be "everything skipped": each kernel test must have passed there.
+    passed = set(re.findall(r"::(\S+) PASSED", result.stdout))
+    kernel_tests = {f"test_kernel_matches_reference[{case}]" for case in KERNEL_CASES} | {
+        "test_kernel_default_blocks", "test_kernel_accepts_non_contiguous_inputs",
+        "test_model_fused_backend_matches_naive_backend"}
+    assert kernel_tests <= passed, f"not run (or not passed) in the fresh process: {sorted(kernel_tests - passed)}"
 
 
 # ---------------------------------------------------------------- custom op --
