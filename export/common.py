@@ -67,14 +67,65 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _replace(src: Path, dst: Path, scratch: Path) -> None:
-    """``os.replace`` that also replaces an existing directory (moved aside, then deleted)."""
-    if dst.is_dir() and not dst.is_symlink():
-        aside = scratch / f".old-{dst.name}"
-        os.replace(dst, aside)
+    """``os.replace`` that also replaces an existing directory, atomically where the OS can.
+
+    A file is one ``os.replace``. A directory cannot be renamed onto a non-empty one, so
+    under a lock on the destination folder (two exports racing for one ``.mlpackage``
+    take turns, the later one wins) the new directory is *exchanged* with the old one
+    (Linux ``renameat2(RENAME_EXCHANGE)``: readers never see the path missing) and the
+    old one, now at the scratch name, is deleted. Where exchange is unavailable the old
+    directory is moved aside first (a moment without the path, still never half-written).
+    """
+    if not src.is_dir():
         os.replace(src, dst)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+        return
+    with _folder_lock(dst.parent):
+        if not (dst.is_dir() and not dst.is_symlink()):
+            os.replace(src, dst)
+        elif _exchange(src, dst):
+            shutil.rmtree(src, ignore_errors=True)  # src now holds the old directory
+        else:
+            aside = scratch / f".old-{dst.name}"
+            os.replace(dst, aside)
+            os.replace(src, dst)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` itself (no lock file left behind); a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the exchange below is not available there either
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no glibc, or glibc older than 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (38, 22, 95):  # ENOSYS, EINVAL, EOPNOTSUPP: the file system cannot exchange
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
