@@ -20,7 +20,7 @@ from .compress import KMeansLUT
 from .form import ImageIO, build_model, prepare_model
 from .lint import ANE_MAX_RANK, AneLintError, LintReport, Violation, lint_package, lint_program
 from .options import (BIAS_MODES, COMPRESSIONS, FORMS, IO_DTYPES, PRECISIONS, PRESETS, TARGETS, CoreMLExportConfig,
-                      CoreMLExportError, PackageCheckError, Preset, default_output_path, parse_shapes, parse_size,
+                      CoreMLExportError, PackageCheckError, PackageParityError, Preset, default_output_path, parse_shapes, parse_size,
                       parse_tiles, resolve_config)
 from .parity import function_parity, package_parity
 from .pipeline import ExportResult, convert_module, export_coreml
@@ -29,7 +29,7 @@ from .summary import summary_rows
 __all__ = [
     "ANE_MAX_RANK", "BIAS_MODES", "COMPRESSIONS", "FORMS", "IO_DTYPES", "MAX_RANK", "PRECISIONS", "PRESETS",
     "TARGETS", "AneLintError", "CoreMLExportConfig", "CoreMLExportError", "ExportResult", "ImageIO", "KMeansLUT",
-    "LintReport", "PackageCheckError", "PackageReport", "Preset", "Violation", "build_model", "check_package",
+    "LintReport", "PackageCheckError", "PackageParityError", "PackageReport", "Preset", "Violation", "build_model", "check_package",
     "convert_module", "default_output_path", "export_coreml", "function_parity", "inspect_package", "lint_package",
     "lint_program", "ops_unavailable_on", "package_parity", "parse_shapes", "parse_size", "parse_tiles",
     "prepare_model", "reflect_problems", "resolve_config", "summary_rows",

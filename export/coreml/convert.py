@@ -9,9 +9,11 @@ the converter there)::
   the model reflect-pads to the window internally). Enumerated shapes need a
   shape-generic graph: height and width are exported as symbolic multiples of the
   attention window (the window padding would otherwise be traced as a constant).
-* **Constant folding.** coremltools is told not to fold tensors above
+* **Constant folding.** For the compat form coremltools is told not to fold tensors above
   :data:`CONST_FOLD_LIMIT` elements: otherwise it folds the attention bias gather into a
-  16 MB constant per block (ESC: +80 MB fp32).
+  16 MB constant per block (ESC: +80 MB fp32). The ANE form has no gather to fold and
+  wants its dense bias constants folded to fp16 (else each would stay an fp32 constant
+  cast at every prediction), so it keeps coremltools' default.
 * **Image I/O.** ``ct.ImageType`` input and output (Core ML feeds and takes 0..255 pixels);
   the 1/255 scaling is inside the module (:class:`export.coreml.form.ImageIO`), so it runs
   in fp16 in fp16 programs. Tensor I/O is float32 or, with ``io_dtype="fp16"``, float16.
@@ -101,11 +103,12 @@ def patch_graph_for_coremltools(graph: torch.fx.Graph) -> int:
     return changed
 
 
-def _pass_pipeline(ct: Any, compress: str | None, opset: str) -> Any:
+def _pass_pipeline(ct: Any, cfg: CoreMLExportConfig) -> Any:
     pipeline = ct.PassPipeline.DEFAULT
-    pipeline.set_options("common::const_elimination", {"skip_const_by_size": str(CONST_FOLD_LIMIT)})
-    if compress:
-        add_compression_passes(pipeline, compress, opset)
+    if cfg.form != "ane":
+        pipeline.set_options("common::const_elimination", {"skip_const_by_size": str(CONST_FOLD_LIMIT)})
+    if cfg.compress:
+        add_compression_passes(pipeline, cfg.compress, cfg.opset)
     return pipeline
 
 
@@ -159,7 +162,7 @@ def convert_program(ep: torch.export.ExportedProgram, cfg: CoreMLExportConfig,
             warnings.simplefilter("ignore")
             return ct.convert(ep, inputs=inputs, outputs=outputs, convert_to="mlprogram",
                               minimum_deployment_target=target, compute_precision=precision,
-                              pass_pipeline=_pass_pipeline(ct, cfg.compress, cfg.opset), skip_model_load=True)
+                              pass_pipeline=_pass_pipeline(ct, cfg), skip_model_load=True)
     except CoreMLExportError:
         raise
     except Exception as exc:

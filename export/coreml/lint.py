@@ -9,8 +9,9 @@ passed its :func:`source_map`, the model code the op came from:
 - ``rank``: a run-time tensor of rank above :data:`ANE_MAX_RANK` (4);
 - ``dynamic-conv``: a convolution whose weights are computed in the graph, not constants;
 - ``flexible-shape``: an input with enumerated, ranged or unknown sizes;
-- ``fp32``: an op computing in fp32 (the ANE computes in fp16); only the casts that
-  convert the program's inputs and outputs are allowed to touch fp32.
+- ``fp32``: an op computing in fp32 (the ANE computes in fp16), or an fp32 constant
+  cast to fp16 at every prediction; only the casts that convert the program's inputs
+  and outputs are allowed to touch fp32.
 """
 from __future__ import annotations
 
@@ -176,6 +177,12 @@ def lint_program(program: MILProgram, sources: Mapping[str, str] | None = None) 
             if source_op is not None and source_op.type != "const" and source_op.type not in COMPILE_TIME_OPS:
                 add("dynamic-conv", op, f"weights computed in the graph (by {source_op.type} '{source_op.name}')")
         floats32 = [o for o in op.outputs if o.dtype == "FLOAT32"]
+        if op.type in IO_CAST_OPS and not floats32:
+            x = op.inputs.get("x", [None])[0]
+            producer = producers.get(x.name) if x is not None and x.name else None
+            if producer is not None and producer.type == "const" and producer.outputs[0].dtype == "FLOAT32":
+                add("fp32", op, f"fp32 constant '{producer.name}' cast to fp16 at every prediction "
+                                f"(fold it: store the constant in fp16)")
         if floats32:
             io_cast = op.type in IO_CAST_OPS and (
                 any(name in input_names for name in op.input_names())

@@ -18,7 +18,7 @@ from runtimes.cli_args import parse_size as parse_cli_size
 
 __all__ = [
     "BIAS_MODES", "COMPRESSIONS", "FORMS", "INPUT_NAME", "IO_DTYPES", "MULTIFUNCTION_OPSETS", "OUTPUT_NAME",
-    "PRECISIONS", "PRESETS", "TARGETS", "CoreMLExportConfig", "CoreMLExportError", "PackageCheckError", "Preset",
+    "PRECISIONS", "PRESETS", "TARGETS", "CoreMLExportConfig", "CoreMLExportError", "PackageCheckError", "PackageParityError", "Preset",
     "default_output_path", "parse_shapes", "parse_size", "parse_tiles", "resolve_config", "shapes_text",
 ]
 
@@ -48,6 +48,14 @@ class PackageCheckError(CoreMLExportError):
     """A converted package failed a post-conversion check; it was not written."""
 
 
+class PackageParityError(CoreMLExportError):
+    """A written package does not reproduce PyTorch; ``rows`` are the per-shape results to print."""
+
+    def __init__(self, message: str, rows: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.rows = list(rows)
+
+
 @dataclass(frozen=True)
 class Preset:
     """Defaults for a device class; explicit options override them.
@@ -73,7 +81,7 @@ PRESETS: dict[str, Preset] = {
     "iphone": Preset(
         "iphone", ((128, 128), (256, 256)), (32, 32), "iOS18", "fp16", 256, "iPhone (A14 and later)",
         "Table 9 measured an iPhone 12 at 32x32; iOS 18 packages hold one static function per tile; "
-        "queries in chunks of 256 keep every score tensor at most 1 MB per window in fp16"),
+        "queries in chunks of 256 keep each score tensor at 512 KB per window and head in fp16"),
 }
 
 
