@@ -13,6 +13,10 @@ Two back-ends, chosen with ``backend=``:
   says, so it checks conversions on Linux CI). ``interpreter_precision`` picks its
   arithmetic (``"auto"`` follows the program's fp16/fp32 types).
 
+On macOS, :func:`profile_on_mac` compiles a package, predicts once, reads Core ML's
+compute plan (the device each op is planned on, :func:`compute_plan`) and times
+predictions: what the benchmark's Core ML rows call.
+
 ``backend="auto"`` (default) uses Core ML on macOS and the interpreter elsewhere;
 :meth:`CoreMLRunner.describe` says which ran (``runtime`` is ``coreml`` or
 ``coreml-interpreter``).
@@ -34,6 +38,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +50,8 @@ from .coreml import PRECISIONS, Interpreter, InterpreterError, UnsupportedOpErro
 from .coreml.tools import import_coremltools
 from .metadata import read_coreml_metadata, resolve_scale
 
-__all__ = ["BACKENDS", "COMPUTE_UNITS", "CoreMLRunner", "latency", "parse_compute_units"]
+__all__ = ["BACKENDS", "COMPUTE_UNITS", "CoreMLRunner", "compute_plan", "latency", "parse_compute_units",
+           "profile_on_mac", "summarise_plan"]
 
 #: Option value -> ``coremltools.ComputeUnit`` member name.
 COMPUTE_UNITS: dict[str, str] = {
@@ -89,8 +95,9 @@ class CoreMLRunner(Runner):
             (Core ML back-end; checked but unused by the interpreter).
         backend: ``auto`` (default: Core ML on macOS, interpreter elsewhere), ``coreml``
             (refused off macOS) or ``interpreter``.
-        interpreter_precision: ``auto`` (default), ``fp32`` or ``fp16`` (interpreter only;
-            see :mod:`runtimes.coreml.interpreter`).
+        interpreter_precision: ``auto`` (default), ``fp32``, ``fp16`` (fp16 between ops) or
+            ``ane`` (fp16 inside ops too, 8-bit image I/O: the Neural Engine's arithmetic);
+            interpreter only, see :mod:`runtimes.coreml.interpreter`.
         scale: needed only when the package has no ``esc.scale`` metadata and no fixed
             output shape to derive it from.
     """
@@ -308,3 +315,94 @@ def latency(runner: Runner, shape: tuple[int, ...] | None = None, warmup: int = 
         "compute_units": described.get("compute_units"),
     }
 
+
+
+def _require_macos(purpose: str) -> None:
+    if not _is_macos():
+        raise RunnerError(f"{purpose} needs Core ML, which runs only on macOS (this is "
+                          f"{platform.system() or 'an unknown OS'}); on Linux use the numpy interpreter "
+                          f"(backend='interpreter', interpreter_precision='ane' for fp16 as the Neural Engine runs it)")
+
+
+def _device_name(device: Any) -> str:
+    from coremltools.models.compute_device import MLCPUComputeDevice, MLGPUComputeDevice, MLNeuralEngineComputeDevice
+
+    for cls, name in ((MLNeuralEngineComputeDevice, "neural_engine"), (MLGPUComputeDevice, "gpu"),
+                      (MLCPUComputeDevice, "cpu")):
+        if isinstance(device, cls):
+            return name
+    return type(device).__name__
+
+
+def compute_plan(package: str | os.PathLike[str], compute_units: str = "all") -> list[dict[str, Any]]:
+    """Where Core ML plans to run each op of ``package``: one row per non-const op (macOS only).
+
+    Rows: ``function``, ``op`` (MIL op type), ``output`` (its first output's name), ``device``
+    (``neural_engine``, ``gpu``, ``cpu``; None where Core ML cannot say), ``supported`` (the
+    devices that could run it) and ``cost`` (Core ML's estimated share of the work, 0..1).
+    Uses coremltools' ``MLComputePlan`` (coremltools >= 8, macOS 14.4+) on the compiled model.
+    """
+    _require_macos("the Core ML compute plan")
+    ct = _coremltools()
+    try:
+        from coremltools.models.compute_plan import MLComputePlan
+    except ImportError as exc:
+        raise RunnerError(f"coremltools {ct.__version__} has no MLComputePlan (needs coremltools >= 8 and "
+                          f"macOS 14.4+): {exc}") from exc
+    units = getattr(ct.ComputeUnit, COMPUTE_UNITS[parse_compute_units(compute_units)])
+    try:
+        compiled = ct.models.MLModel(os.fspath(package), compute_units=units).get_compiled_model_path()
+        plan = MLComputePlan.load_from_path(path=compiled, compute_units=units)
+    except Exception as exc:
+        raise RunnerError(f"Core ML cannot load or plan {package}: {exc}") from exc
+    program = plan.model_structure.program
+    if program is None:
+        raise RunnerError(f"{package} is not an ML program (the compute plan covers ML programs only)")
+    rows: list[dict[str, Any]] = []
+    for fname, function in program.functions.items():
+        for op in function.block.operations:
+            if op.operator_name == "const":
+                continue
+            usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+            cost = plan.get_estimated_cost_for_mlprogram_operation(op)
+            rows.append({
+                "function": fname, "op": op.operator_name, "output": op.outputs[0].name if op.outputs else "",
+                "device": _device_name(usage.preferred_compute_device) if usage else None,
+                "supported": [_device_name(d) for d in usage.supported_compute_devices] if usage else [],
+                "cost": cost.weight if cost else None,
+            })
+    return rows
+
+
+def summarise_plan(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Op counts and estimated cost per device, and the ops planned off the Neural Engine."""
+    counts = Counter(str(r["device"]) for r in rows)
+    cost: Counter = Counter()
+    for r in rows:
+        cost[str(r["device"])] += r["cost"] or 0.0
+    off = [f"{r['op']} {r['output']} -> {r['device']}" for r in rows if r["device"] != "neural_engine"]
+    return {"ops": len(rows), "ops_per_device": dict(counts), "cost_per_device": dict(cost),
+            "ops_off_neural_engine": off}
+
+
+def profile_on_mac(package: str | os.PathLike[str], compute_units: str = "all",
+                   shape: tuple[int, ...] | None = None, warmup: int = 3, repeat: int = 10) -> dict[str, Any]:
+    """Compile and load ``package``, predict once, read its compute plan, time predictions (macOS only).
+
+    What the benchmark's Core ML rows call: ``load_ms`` (compile + load), ``first_predict_ms``,
+    the plan summary (:func:`summarise_plan`) and :func:`latency`'s median / p10 / p90.
+    """
+    _require_macos("profiling a Core ML package")
+    start = time.perf_counter()
+    runner = CoreMLRunner(package, backend="coreml", compute_units=compute_units)
+    load_ms = (time.perf_counter() - start) * 1000.0
+    if shape is None and runner.fixed_shape is None:
+        raise RunnerError("give a shape: this package has no fixed input shape")
+    h, w = tuple(shape[-2:]) if shape is not None else runner.fixed_shape  # type: ignore[misc]
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    runner.infer(x)
+    first_ms = (time.perf_counter() - start) * 1000.0
+    plan = summarise_plan(compute_plan(package, compute_units))
+    timing = latency(runner, (1, 3, h, w), warmup=warmup, repeat=repeat)
+    return {"package": os.fspath(package), "load_ms": load_ms, "first_predict_ms": first_ms, "plan": plan, **timing}

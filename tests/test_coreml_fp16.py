@@ -9,6 +9,7 @@ used); packages against PyTorch use the one parity table (``threshold_for``).
 from __future__ import annotations
 
 import math
+import platform
 import warnings
 
 import numpy as np
@@ -23,9 +24,11 @@ from models.fp16_safety import make_fp16_safe  # noqa: E402
 from models.loader import build, randomise  # noqa: E402
 from runtimes.coreml.fp16_kernels import ACCUMULATION_BLOCK, FP16_KERNELS, matmul16, round16, sum16  # noqa: E402
 from runtimes.coreml.fp16_parity import fp16_parity, format_rows  # noqa: E402
+from runtimes.base import RunnerError  # noqa: E402
 from runtimes.coreml.interpreter import Interpreter  # noqa: E402
 from runtimes.coreml.reader import ArgRef, MILOp  # noqa: E402
 from runtimes.coreml.registry import KERNELS, Call  # noqa: E402
+from runtimes.coreml_runner import compute_plan, profile_on_mac, summarise_plan  # noqa: E402
 from validation.compare import threshold_for  # noqa: E402
 
 
@@ -262,3 +265,39 @@ def test_ane_mode_catches_the_layernorm_overflow_and_the_safety_fix_passes(tmp_p
     rows = fp16_parity(fixed, model, pictures[:1])  # against the *original* model: the fix is exact
     print(format_rows(rows))
     assert all(r.passed and r.psnr >= limit.min_psnr for r in rows), rows
+
+
+# --------------------------------------------------------------------------------------
+# On macOS: compile, predict once, compute plan, timings
+# --------------------------------------------------------------------------------------
+_ON_MAC = platform.system() == "Darwin"
+
+
+def test_summarise_plan_counts_devices_and_names_ops_off_the_neural_engine():
+    rows = [{"op": "conv", "output": "a", "device": "neural_engine", "cost": 0.5},
+            {"op": "gather", "output": "b", "device": "cpu", "cost": 0.25},
+            {"op": "layer_norm", "output": "c", "device": "gpu", "cost": None}]
+    summary = summarise_plan(rows)
+    assert summary["ops"] == 3
+    assert summary["ops_per_device"] == {"neural_engine": 1, "cpu": 1, "gpu": 1}
+    assert summary["cost_per_device"]["neural_engine"] == 0.5
+    assert summary["ops_off_neural_engine"] == ["gather b -> cpu", "layer_norm c -> gpu"]
+
+
+@pytest.mark.skipif(_ON_MAC, reason="checks the refusal off macOS; this is macOS")
+def test_mac_profiling_refuses_off_macos(tmp_path):
+    with pytest.raises(RunnerError, match="runs only on macOS"):
+        compute_plan(tmp_path / "any.mlpackage")
+    with pytest.raises(RunnerError, match="interpreter_precision='ane'"):
+        profile_on_mac(tmp_path / "any.mlpackage")
+
+
+@pytest.mark.skipif(not _ON_MAC, reason="Core ML prediction and MLComputePlan exist only on macOS")
+def test_profile_on_mac(tmp_path):
+    package = _convert(_tiny_esc(), tmp_path / "tiny.mlpackage")
+    result = profile_on_mac(package, compute_units="all", warmup=1, repeat=3)
+    print(result)
+    plan = result["plan"]
+    assert plan["ops"] > 0 and sum(plan["ops_per_device"].values()) == plan["ops"]
+    assert set(plan["ops_per_device"]) <= {"neural_engine", "gpu", "cpu", "None"}
+    assert result["median_ms"] > 0 and result["load_ms"] > 0 and result["first_predict_ms"] > 0
