@@ -4,7 +4,9 @@
 - :mod:`.registry`: the kernel table and the :class:`Call` view of one op's inputs;
 - :mod:`.kernels`, :mod:`.shape_kernels`, :mod:`.constexpr`: one numpy kernel per op the
   exported ESC packages use;
-- :mod:`.interpreter`: runs a program op by op, in fp32 or emulated fp16;
+- :mod:`.fp16_kernels`: fp16 arithmetic and fp16 accumulation inside ops (the ``"ane"`` mode);
+- :mod:`.interpreter`: runs a program op by op, in fp32, fp16 between ops, or fp16 inside ops;
+- :mod:`.fp16_parity`: a package's fp16 parity against PyTorch fp32, both fp16 modes side by side;
 - :mod:`.tools`: coremltools, imported quietly.
 
 :class:`runtimes.coreml_runner.CoreMLRunner` puts this behind the Runner interface.
