@@ -3,10 +3,11 @@
 Core ML prediction needs macOS, so on Linux the packages are executed by
 ``runtimes.coreml`` (the numpy interpreter); parity with PyTorch is what proves a conversion right.
 
-Time budget: the seven real conversions (esc, esc_light, esc_fp with the m2 and iphone
-presets, and one enumerated-shapes package) run as CLI subprocesses, two at a time, started
-when the module starts (:func:`cli_jobs`); the cheap tests (op kernels, tiny random ESC
-models) run meanwhile, and the tests that need a real package wait for its job.
+Time budget: the seven real conversions (:func:`_cli_cases`: preset packages in the ANE
+form, fp32 ANE packages at the golden sizes, today's compat form) run as CLI subprocesses,
+two at a time, started when the module starts (:func:`cli_jobs`); the cheap tests (op
+kernels, tiny random ESC models) run meanwhile, and the tests that need a real package
+wait for its job.
 """
 from __future__ import annotations
 
@@ -57,15 +58,25 @@ FP32_ATOL = threshold_for("fp32").atol
 # CLI conversions, started at module start and run in the background
 # --------------------------------------------------------------------------------------
 def _cli_cases() -> dict[str, list[str]]:
-    cases: dict[str, list[str]] = {}
-    for model in ("esc", "esc_light", "esc_fp"):
-        for preset in ("m2", "iphone"):
-            cases[f"{model}-{preset}"] = ["--model", model, "--weights", str(CHECKPOINTS[model]), "--preset", preset]
-    # One enumerated-shapes package, fp32 on the iOS 18 opset: fused SDPA + shape-generic ops,
-    # checked against PyTorch to 1e-4 below.
-    cases["esc_light-enum"] = ["--model", "esc_light", "--weights", str(CHECKPOINTS["esc_light"]),
-                               "--shapes", "enumerated:32x32,64x64", "--target", "iOS18", "--precision", "fp32"]
-    return cases
+    """The presets as apps ship them (ANE form, fp16, image I/O), today's compat form, and the
+    fp32 packages checked against PyTorch at the golden cases' sizes."""
+    def weights(model: str) -> list[str]:
+        return ["--model", model, "--weights", str(CHECKPOINTS[model])]
+
+    return {
+        # Multifunction (tile_128x128 + tile_256x256), iOS 18, queries chunked by 256.
+        "esc_light-iphone": [*weights("esc_light"), "--preset", "iphone"],
+        # The papers' Table 9 sizes: one fixed function each.
+        "esc-m2": [*weights("esc"), "--preset", "m2", "--paper-size"],
+        "esc_fp-iphone": [*weights("esc_fp"), "--preset", "iphone", "--paper-size"],
+        # The ANE form in fp32 at the golden inputs' sizes (padding to the window inside).
+        "esc-ane-fp32": [*weights("esc"), "--form", "ane", "--input-size", "64x48", "--precision", "fp32"],
+        "esc_light-ane-fp32": [*weights("esc_light"), "--form", "ane", "--input-size", "35x35", "--precision", "fp32"],
+        # Today's portable form: iOS 17 at 32x32, and enumerated shapes (fused SDPA, fp32).
+        "esc_light-compat": [*weights("esc_light"), "--form", "compat", "--input-size", "32x32", "--target", "iOS17"],
+        "esc_light-enum": [*weights("esc_light"), "--shapes", "enumerated:32x32,64x64", "--target", "iOS18",
+                           "--precision", "fp32"],
+    }
 
 
 class _Jobs:
@@ -172,18 +183,18 @@ def tiny_package(tmp_path_factory):
 # Options, presets
 # --------------------------------------------------------------------------------------
 def test_parse_options_and_presets():
-    assert ce.parse_size("128x96") == (128, 96)
-    assert ce.parse_size("64") == (64, 64)
+    assert ce.parse_size("128x96") == (96, 128)  # WIDTHxHEIGHT, as everywhere in the toolkit
     assert ce.parse_shapes("enumerated:64x64,128x128,64x64") == [(64, 64), (128, 128)]
-    with pytest.raises(ce.CoreMLExportError, match="HEIGHTxWIDTH"):
+    with pytest.raises(ce.CoreMLExportError, match="WIDTHxHEIGHT"):
         ce.parse_size("big")
     with pytest.raises(ce.CoreMLExportError, match="enumerated"):
         ce.parse_shapes("range:1x1")
     m2 = ce.resolve_config("esc", 4, preset="m2")
-    assert (m2.input_size, m2.target, m2.precision, m2.opset) == ((128, 128), "macOS15", "fp16", "iOS18")
-    iphone = ce.resolve_config("esc", 4, preset="iphone", precision="fp32")
-    assert (iphone.input_size, iphone.target, iphone.precision) == ((32, 32), "iOS17", "fp32")
-    enum = ce.resolve_config("esc", 4, preset="m2", shapes="enumerated:64x64,128x128")
+    assert (m2.tiles, m2.target, m2.precision, m2.opset, m2.form) == (
+        [(128, 128), (256, 256)], "macOS15", "fp16", "iOS18", "ane")
+    iphone = ce.resolve_config("esc", 4, preset="iphone", precision="fp32", paper_size=True)
+    assert (iphone.input_size, iphone.target, iphone.precision) == ((32, 32), "iOS18", "fp32")
+    enum = ce.resolve_config("esc", 4, shapes="enumerated:64x64,128x128")
     assert enum.enumerated and enum.input_size is None and enum.declared_shapes == [(64, 64), (128, 128)]
     with pytest.raises(ce.CoreMLExportError, match="exclude"):
         ce.resolve_config(input_size="64x64", shapes="enumerated:64x64")
@@ -551,23 +562,46 @@ def test_cli_conversion(cli_jobs, name):
     assert meta["esc.variant"] == model and meta["esc.scale"] == "4"
     assert meta["esc.weights_sha256"] == sha256_file(CHECKPOINTS[model])
     assert "artifact" in proc.stdout and str(out) in proc.stdout
-    if name.endswith("-m2"):
-        assert report.opset == "CoreML8" and meta["esc.tile"] == "128x128" and meta["esc.precision"] == "fp16"
-        assert report.histogram["scaled_dot_product_attention"] > 0  # fused attention on iOS 18 / macOS 15
-    elif name.endswith("-iphone"):
-        assert report.opset == "CoreML7" and meta["esc.tile"] == "32x32"
-        assert "scaled_dot_product_attention" not in report.histogram and report.histogram["softmax"] > 0
-    else:
-        assert meta["esc.tile"] == "enumerated:32x32,64x64"
-    assert report.size_bytes < 8 * 2**20  # the bias is gathered from its table, not stored dense
+    lint = ce.lint_package(out)
+    if meta["esc.form"] == "ane":
+        # No gather, nothing above rank 4, no flexible shape, no computed conv weights.
+        assert not (lint.by_rule().keys() - {"fp32"}) and lint.max_rank == 4, lint.violations[:5]
+        assert "gather" not in lint.histogram
+    if name.endswith("-iphone") or name.endswith("-m2"):
+        assert lint.ok, lint.violations[:5]  # the presets pass the whole ANE lint
+        assert "ANE lint       passed" in proc.stdout and meta["esc.precision"] == "fp16"
+        assert meta["esc.image_io"] == "true" and meta["esc.license"].startswith("MIT")
+    if name == "esc_light-iphone":
+        assert report.functions == {"tile_128x128": (128, 128), "tile_256x256": (256, 256)}
+        assert meta["esc.shape_mode"] == "multifunction" and report.opset == "CoreML8"
+    elif name == "esc-m2":
+        assert report.functions == {"main": (128, 128)} and meta["esc.tile"] == "128x128"
+    elif name == "esc_fp-iphone":
+        assert report.functions == {"main": (32, 32)}
+    elif name == "esc_light-compat":
+        # Today's form: gathers for the bias and the identity padding, rank 5 reshapes.
+        assert report.opset == "CoreML7" and lint.by_rule()["gather"] > 0 and lint.max_rank == 5
+    elif name == "esc_light-enum":
+        assert meta["esc.tile"] == "enumerated:32x32,64x64" and lint.by_rule()["flexible-shape"] == 1
 
 
-@pytest.mark.parametrize("name", ["esc-iphone", "esc_fp-iphone"])
-def test_fp16_package_parity_in_emulated_fp16(cli_jobs, name):
-    _, out = cli_jobs.get(name)
-    x = _set5_crop(32, 32, top=16, left=16)
-    res = _parity(out, _reference(name.split("-")[0]), x, precision="auto")
+def test_fp16_package_parity_in_emulated_fp16(cli_jobs):
+    """The preset packages (fp16, image I/O) through the interpreter vs PyTorch fp32 on Set5 crops."""
+    _, out = cli_jobs.get("esc_fp-iphone")
+    res = ce.function_parity(out, _reference("esc_fp"), _set5_crop(32, 32, top=16, left=16), "fp16")
     assert res.max_abs < FP16_ATOL and res.psnr > FP16_MIN_PSNR, res
+    _, out = cli_jobs.get("esc_light-iphone")
+    res = ce.function_parity(out, _reference("esc_light"), _set5_crop(128, 128), "fp16")
+    assert res.name.startswith("tile_128x128") and res.max_abs < FP16_ATOL and res.psnr > FP16_MIN_PSNR, res
+
+
+@pytest.mark.parametrize("name", ["esc", "esc_light"])
+def test_fp32_ane_package_matches_pytorch_on_the_golden_case(cli_jobs, name):
+    """The ANE form in fp32 through the interpreter: the golden input, PyTorch within the fp32 bound (1e-4)."""
+    _, out = cli_jobs.get(f"{name}-ane-fp32")
+    lr = torch.load(str(CHECKPOINTS[name]).replace(".pth", ".io.pt"), weights_only=True)["lr"]
+    res = ce.function_parity(out, _reference(name), lr, "fp32")
+    assert res.max_abs < FP32_ATOL, res
 
 
 def test_fp32_enumerated_package_parity(cli_jobs):

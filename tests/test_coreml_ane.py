@@ -107,7 +107,7 @@ def test_ane_form_refuses_what_it_cannot_do():
 # --------------------------------------------------------------------------------------
 class _Gather(nn.Module):
     def forward(self, x):
-        return x.index_select(3, torch.tensor([1, 0, 2, 3])).repeat(1, 1, 2, 2) * 2.0
+        return x.index_select(3, torch.tensor([1, 0, 2, 3, 4, 5, 6, 7])).repeat(1, 1, 2, 2) * 2.0
 
 
 class _Rank5(nn.Module):
@@ -133,14 +133,14 @@ class _Clean(nn.Module):
 
 
 class _BigConstant(nn.Module):
-    """Adds a 160x1024 constant: above the compat form's folding limit, so it stays fp32 in an fp16 program."""
+    """Adds a (1, 3, 512, 512) constant: above the compat form's folding limit, so it stays fp32 in an fp16 program."""
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("big", torch.rand(1, 1, 160, 1024))
+        self.register_buffer("big", torch.rand(1, 3, 512, 512))
 
     def forward(self, x):
-        return F.interpolate(x, scale_factor=2.0, mode="nearest") + self.big.sum() * 0 + self.big[..., :16, :16]
+        return F.interpolate(x, scale_factor=2.0, mode="nearest") + self.big
 
 
 def _lint(module: nn.Module, tmp_path: Path, name: str, **cfg) -> ce.LintReport:
@@ -170,7 +170,7 @@ def test_lint_rejects_fp32_compute_and_flexible_shapes(tmp_path):
     assert fp32.by_rule()["fp32"] >= 2, fp32.violations  # the conv and the pixel shuffle
     flexible = _lint(_Clean(), tmp_path, "flex", form="compat", input_size=None, shapes=[(32, 32), (64, 64)])
     assert flexible.by_rule()["flexible-shape"] == 1, flexible.violations
-    cast = _lint(_BigConstant(), tmp_path, "cast", form="compat")
+    cast = _lint(_BigConstant(), tmp_path, "cast", form="compat", input_size=(256, 256))
     assert any(v.rule == "fp32" and "constant" in v.detail for v in cast.violations), cast.violations
     clean = _lint(_Clean(), tmp_path, "clean", image_io=True)
     assert clean.ok, clean.violations  # only the I/O casts touch fp32
@@ -183,6 +183,18 @@ def test_exporter_refuses_a_package_that_fails_the_lint(tmp_path):
     with pytest.raises(ce.AneLintError, match=r"\[gather\]"):
         ce.convert_module(_Gather(), config, out)
     assert not out.exists()
+
+
+def test_contract_check_catches_an_output_of_the_wrong_scale(tmp_path):
+    """Our own contract (not coremltools'): every output is ``scale`` times its input."""
+    class HalfWide(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=(2.0, 1.0), mode="nearest")
+
+    config = ce.CoreMLExportConfig(model="toy", scale=2, input_size=(8, 8), precision="fp32", target="iOS18")
+    with pytest.raises(ce.PackageCheckError, match="is not x2 of the 8x8 input"):
+        ce.convert_module(HalfWide(), config, tmp_path / "half.mlpackage")
+    assert not (tmp_path / "half.mlpackage").exists()
 
 
 # --------------------------------------------------------------------------------------

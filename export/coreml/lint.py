@@ -141,8 +141,9 @@ def _input_flexible(program: MILProgram) -> list[str]:
                 for kind in [f.type.multiArrayType.WhichOneof("ShapeFlexibility") if f.type.WhichOneof("Type") == "multiArrayType"
                              else f.type.imageType.WhichOneof("SizeFlexibility") if f.type.WhichOneof("Type") == "imageType" else None]
                 if kind]
+    named = {text.split(" ")[0] for text in flexible}
     flexible += [f"{v.name} (unknown sizes {v.shape})" for v in program.inputs
-                 if v.shape is None or any(d is None for d in v.shape)]
+                 if v.name not in named and (v.shape is None or any(d is None for d in v.shape))]
     return flexible
 
 
