@@ -46,7 +46,13 @@ import numpy as np
 import torch
 
 from .base import Runner, RunnerError
-from .coreml import PRECISIONS, Interpreter, InterpreterError, UnsupportedOpError, load_program
+from .coreml import (
+    PRECISIONS,
+    Interpreter,
+    InterpreterError,
+    UnsupportedOpError,
+    load_program,
+)
 from .coreml.tools import import_coremltools
 from .metadata import read_coreml_metadata, resolve_scale
 
@@ -325,7 +331,11 @@ def _require_macos(purpose: str) -> None:
 
 
 def _device_name(device: Any) -> str:
-    from coremltools.models.compute_device import MLCPUComputeDevice, MLGPUComputeDevice, MLNeuralEngineComputeDevice
+    from coremltools.models.compute_device import (
+        MLCPUComputeDevice,
+        MLGPUComputeDevice,
+        MLNeuralEngineComputeDevice,
+    )
 
     for cls, name in ((MLNeuralEngineComputeDevice, "neural_engine"), (MLGPUComputeDevice, "gpu"),
                       (MLCPUComputeDevice, "cpu")):

@@ -18,18 +18,23 @@ import torch
 
 pytest.importorskip("coremltools")
 
-from export import coreml as ce  # noqa: E402
-from models.config import ESCConfig  # noqa: E402
-from models.fp16_safety import make_fp16_safe  # noqa: E402
-from models.loader import build, randomise  # noqa: E402
-from runtimes.coreml.fp16_kernels import ACCUMULATION_BLOCK, FP16_KERNELS, matmul16, round16, sum16  # noqa: E402
-from runtimes.coreml.fp16_parity import fp16_parity, format_rows  # noqa: E402
-from runtimes.base import RunnerError  # noqa: E402
-from runtimes.coreml.interpreter import Interpreter  # noqa: E402
-from runtimes.coreml.reader import ArgRef, MILOp  # noqa: E402
-from runtimes.coreml.registry import KERNELS, Call  # noqa: E402
-from runtimes.coreml_runner import compute_plan, profile_on_mac, summarise_plan  # noqa: E402
-from validation.compare import threshold_for  # noqa: E402
+from export import coreml as ce
+from models.fp16_safety import make_fp16_safe
+from runtimes.base import RunnerError
+from runtimes.coreml.fp16_kernels import (
+    ACCUMULATION_BLOCK,
+    FP16_KERNELS,
+    matmul16,
+    round16,
+    sum16,
+)
+from runtimes.coreml.fp16_parity import format_rows, fp16_parity
+from runtimes.coreml.interpreter import Interpreter
+from runtimes.coreml.reader import ArgRef, MILOp
+from runtimes.coreml.registry import KERNELS, Call
+from runtimes.coreml_runner import compute_plan, profile_on_mac, summarise_plan
+from tests.test_fp16_safety import tiny_esc
+from validation.compare import threshold_for
 
 
 def _op(op_type: str, **inputs) -> MILOp:
@@ -48,25 +53,25 @@ _RNG = np.random.default_rng(0)
 _A = _RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)
 _B = (_RNG.standard_normal((2, 3, 5, 4)) + 3).astype(np.float32)
 _CASES = {
-    "add": dict(x=_A, y=_A[:1]), "sub": dict(x=_A, y=np.float32(0.5)), "mul": dict(x=_A, y=_A),
-    "real_div": dict(x=_A, y=_A + 4), "floor_div": dict(x=_A, y=np.float32(0.3)),
-    "equal": dict(x=_A, y=_A[:, :1]), "less": dict(x=_A, y=np.float32(0)), "greater_equal": dict(x=_A, y=np.float32(0)),
-    "gelu": dict(x=_A, mode="EXACT"), "clip": dict(x=_A, alpha=np.float32(-0.5), beta=np.float32(0.5)),
-    "leaky_relu": dict(x=_A, alpha=np.float32(0.1)), "select": dict(cond=_A > 0, a=_A, b=-_A),
-    "cast": dict(x=_A, dtype="int32"), "reduce_mean": dict(x=_A, axes=[2, 3], keep_dims=True),
-    "reduce_sum": dict(x=_A, axes=[1], keep_dims=False), "softmax": dict(x=_A, axis=1),
-    "layer_norm": dict(x=_A, axes=[1], epsilon=np.float32(1e-5)), "matmul": dict(x=_A, y=_B),
-    "scaled_dot_product_attention": dict(query=_A, key=_A, value=_A),
-    "reshape": dict(x=_A, shape=[2, -1]), "transpose": dict(x=_A, perm=[0, 2, 3, 1]),
-    "expand_dims": dict(x=_A, axes=[0]), "tile": dict(x=_A, reps=[1, 2, 1, 1]),
-    "slice_by_index": dict(x=_A, begin=[0, 1, 1, 0], end=[1, 3, 4, 5]), "split": dict(x=_A, num_splits=2, axis=0),
-    "gather": dict(x=_A, indices=np.array([2, 0], np.int32), axis=1),
-    "pad": dict(x=_A, pad=np.array([1, 2, 2, 1], np.int32), mode="reflect"), "shape": dict(x=_A),
-    "range_1d": dict(start=np.int32(1), end=np.int32(9), step=np.int32(3)),
-    "concat": dict(values=_A, axis=1), "conv": dict(x=_A, weight=_RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)),
-    "pixel_shuffle": dict(x=_RNG.standard_normal((1, 8, 2, 3)).astype(np.float32), upscale_factor=np.int32(2)),
-    "upsample_nearest_neighbor": dict(x=_A, scale_factor_height=np.float32(2), scale_factor_width=np.float32(2)),
-    "batch_norm": dict(x=_A, mean=np.zeros(3, np.float32), variance=np.ones(3, np.float32) * 2),
+    "add": {"x": _A, "y": _A[:1]}, "sub": {"x": _A, "y": np.float32(0.5)}, "mul": {"x": _A, "y": _A},
+    "real_div": {"x": _A, "y": _A + 4}, "floor_div": {"x": _A, "y": np.float32(0.3)},
+    "equal": {"x": _A, "y": _A[:, :1]}, "less": {"x": _A, "y": np.float32(0)}, "greater_equal": {"x": _A, "y": np.float32(0)},
+    "gelu": {"x": _A, "mode": "EXACT"}, "clip": {"x": _A, "alpha": np.float32(-0.5), "beta": np.float32(0.5)},
+    "leaky_relu": {"x": _A, "alpha": np.float32(0.1)}, "select": {"cond": _A > 0, "a": _A, "b": -_A},
+    "cast": {"x": _A, "dtype": "int32"}, "reduce_mean": {"x": _A, "axes": [2, 3], "keep_dims": True},
+    "reduce_sum": {"x": _A, "axes": [1], "keep_dims": False}, "softmax": {"x": _A, "axis": 1},
+    "layer_norm": {"x": _A, "axes": [1], "epsilon": np.float32(1e-5)}, "matmul": {"x": _A, "y": _B},
+    "scaled_dot_product_attention": {"query": _A, "key": _A, "value": _A},
+    "reshape": {"x": _A, "shape": [2, -1]}, "transpose": {"x": _A, "perm": [0, 2, 3, 1]},
+    "expand_dims": {"x": _A, "axes": [0]}, "tile": {"x": _A, "reps": [1, 2, 1, 1]},
+    "slice_by_index": {"x": _A, "begin": [0, 1, 1, 0], "end": [1, 3, 4, 5]}, "split": {"x": _A, "num_splits": 2, "axis": 0},
+    "gather": {"x": _A, "indices": np.array([2, 0], np.int32), "axis": 1},
+    "pad": {"x": _A, "pad": np.array([1, 2, 2, 1], np.int32), "mode": "reflect"}, "shape": {"x": _A},
+    "range_1d": {"start": np.int32(1), "end": np.int32(9), "step": np.int32(3)},
+    "concat": {"values": _A, "axis": 1}, "conv": {"x": _A, "weight": _RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)},
+    "pixel_shuffle": {"x": _RNG.standard_normal((1, 8, 2, 3)).astype(np.float32), "upscale_factor": np.int32(2)},
+    "upsample_nearest_neighbor": {"x": _A, "scale_factor_height": np.float32(2), "scale_factor_width": np.float32(2)},
+    "batch_norm": {"x": _A, "mean": np.zeros(3, np.float32), "variance": np.ones(3, np.float32) * 2},
 }
 
 
@@ -112,12 +117,12 @@ def _constexpr_cases():
     rng = np.random.default_rng(1)
     q = rng.integers(-8, 8, (4, 6)).astype(np.int8)
     return {
-        "constexpr_affine_dequantize": dict(quantized_data=q, zero_point=np.int8(1), scale=np.float32(0.25),
-                                            axis=np.int32(0)),
-        "constexpr_blockwise_shift_scale": dict(data=q, scale=rng.random((2, 3)).astype(np.float32) + 0.1,
-                                                offset=np.ones((2, 3), np.int8)),
-        "constexpr_lut_to_dense": dict(indices=rng.integers(0, 4, (4, 6)).astype(np.uint8),
-                                       lut=rng.standard_normal((1, 1, 4, 1)).astype(np.float32)),
+        "constexpr_affine_dequantize": {"quantized_data": q, "zero_point": np.int8(1), "scale": np.float32(0.25),
+                                            "axis": np.int32(0)},
+        "constexpr_blockwise_shift_scale": {"data": q, "scale": rng.random((2, 3)).astype(np.float32) + 0.1,
+                                                "offset": np.ones((2, 3), np.int8)},
+        "constexpr_lut_to_dense": {"indices": rng.integers(0, 4, (4, 6)).astype(np.uint8),
+                                       "lut": rng.standard_normal((1, 1, 4, 1)).astype(np.float32)},
     }
 
 
@@ -130,8 +135,6 @@ def test_constexpr_decompression_matches_coremltools(op_type):
     inputs = _constexpr_cases()[op_type]
     mil_inputs = dict(inputs)
     if op_type == "constexpr_lut_to_dense":  # iOS 18 form: 2-bit indices
-        from coremltools.converters.mil.mil import Var  # noqa: F401  (imported for the types module side effect)
-
         mil_inputs["indices"] = inputs["indices"].astype(types.nptype_from_builtin(types.uint2))
     with warnings.catch_warnings(), Function({}, opset_version=ct_target()):
         warnings.simplefilter("ignore")
@@ -186,8 +189,8 @@ def test_fp16_kernels_against_float64():
     conv_bound = (math.ceil(16 * 3 / ACCUMULATION_BLOCK) * 3 + 2) * 2.0 ** -11 * _run(
         "conv", x=np.abs(x), weight=np.abs(w), pad_type="same")
     assert (np.abs(conv16 - conv32) <= conv_bound + 1e-5).all()
-    for op, kw in [("layer_norm", dict(x=x, axes=[1], epsilon=np.float32(1e-5))), ("softmax", dict(x=x, axis=1)),
-                   ("scaled_dot_product_attention", dict(query=x[0], key=x[1], value=x[0]))]:
+    for op, kw in [("layer_norm", {"x": x, "axes": [1], "epsilon": np.float32(1e-5)}), ("softmax", {"x": x, "axis": 1}),
+                   ("scaled_dot_product_attention", {"query": x[0], "key": x[1], "value": x[0]})]:
         np.testing.assert_allclose(_run(op, table=FP16_KERNELS, **kw), _run(op, **kw), atol=2e-2, err_msg=op)
 
 
@@ -203,14 +206,6 @@ def test_layer_norm_squares_overflow_only_inside_the_op():
 # --------------------------------------------------------------------------------------
 # Packages: image quantisation, the in-op overflow the old mode missed, and its fix
 # --------------------------------------------------------------------------------------
-def _tiny_esc(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build(ESCConfig("esc", 2, dim=32, pdim=16, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8,
-                            num_heads=2))
-    randomise(model)
-    return model.eval()
-
-
 def _convert(model: torch.nn.Module, path, image_io: bool = False):
     prepared = ce.prepare_model(model)
     cfg = ce.CoreMLExportConfig(model="esc", scale=2, input_size=(16, 16), precision="fp16", target="iOS18",
@@ -219,7 +214,7 @@ def _convert(model: torch.nn.Module, path, image_io: bool = False):
 
 
 def test_ane_mode_quantises_image_io(tmp_path):
-    package = _convert(_tiny_esc(), tmp_path / "image.mlpackage", image_io=True)
+    package = _convert(tiny_esc(seed=0), tmp_path / "image.mlpackage", image_io=True)
     interp = Interpreter(package, precision="ane")
     assert interp.image_features == {interp.input_name, interp.program.outputs[0]}
     x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32) * 255
@@ -234,7 +229,7 @@ def _inflated_esc() -> torch.nn.Module:
     """A tiny ESC whose residual stream is 512x larger (the shallow conv and the block's output
     conv multiply by 512, the tail divides it back): every activation fits fp16 and keeps
     fp16's relative precision, but LayerNorm's squared deviations (> 65504) do not fit."""
-    model = _tiny_esc(1)
+    model = tiny_esc(seed=1)
     with torch.no_grad():
         for conv in (model.proj, model.blocks[0].conv_out):
             conv.weight.mul_(512)
@@ -294,7 +289,7 @@ def test_mac_profiling_refuses_off_macos(tmp_path):
 
 @pytest.mark.skipif(not _ON_MAC, reason="Core ML prediction and MLComputePlan exist only on macOS")
 def test_profile_on_mac(tmp_path):
-    package = _convert(_tiny_esc(), tmp_path / "tiny.mlpackage")
+    package = _convert(tiny_esc(seed=0), tmp_path / "tiny.mlpackage")
     result = profile_on_mac(package, compute_units="all", warmup=1, repeat=3)
     print(result)
     plan = result["plan"]

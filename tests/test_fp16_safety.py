@@ -11,14 +11,20 @@ import pytest
 import torch
 
 from models.config import ESCConfig
-from models.fp16_safety import (FP16_MAX, Fp16UnsafeError, PrescaledLayerNorm, fp16_safety_report,
-                                make_fp16_safe)
+from models.fp16_safety import (
+    FP16_MAX,
+    Fp16UnsafeError,
+    PrescaledLayerNorm,
+    fp16_safety_report,
+    make_fp16_safe,
+)
 from models.layers import ChannelLayerNorm
 from models.loader import build, randomise
 from tests.conftest import SHARED_DIR, require_path
 
 
-def _tiny_esc(seed: int = 1) -> torch.nn.Module:
+def tiny_esc(seed: int = 1) -> torch.nn.Module:
+    """A small random ESC (1 block, window 8, dim 32): runs and converts in seconds."""
     torch.manual_seed(seed)
     model = build(ESCConfig("esc", 2, dim=32, pdim=16, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8,
                             num_heads=2))
@@ -53,7 +59,7 @@ def test_prescaled_layernorm_is_exact():
 
 
 def test_report_records_inside_ops_and_passes_a_normal_model():
-    report = fp16_safety_report(_tiny_esc(), _pictures(), progress=False)
+    report = fp16_safety_report(tiny_esc(), _pictures(), progress=False)
     assert report.safe and not report.problems, report.format()
     kinds = {qty for _, qty in report.ranges}
     assert {"square", "sum of squares", "accumulation", "sum before mean"} <= kinds
@@ -62,7 +68,7 @@ def test_report_records_inside_ops_and_passes_a_normal_model():
 
 
 def test_layernorm_overflow_is_named_and_fixed_exactly():
-    model = _scaled(_tiny_esc(), 512.0, "proj")
+    model = _scaled(tiny_esc(), 512.0, "proj")
     report = fp16_safety_report(model, _pictures(), progress=False)
     assert not report.safe
     named = {(p.layer, p.quantity) for p in report.problems}
@@ -82,7 +88,7 @@ def test_layernorm_overflow_is_named_and_fixed_exactly():
 
 
 def test_overflow_outside_a_layernorm_is_refused_or_pinned_to_fp32():
-    model = _scaled(_tiny_esc(), 2.0 ** 17, "proj")  # the shallow conv's own output passes 65504
+    model = _scaled(tiny_esc(), 2.0 ** 17, "proj")  # the shallow conv's own output passes 65504
     with pytest.raises(Fp16UnsafeError, match=r"proj: output of conv2d reaches .*allow_fp32=True"):
         make_fp16_safe(model, _pictures(), progress=False)
     _, report = make_fp16_safe(model, _pictures(), allow_fp32=True, progress=False)
@@ -91,7 +97,7 @@ def test_overflow_outside_a_layernorm_is_refused_or_pinned_to_fp32():
 
 
 def test_bad_inputs_are_named():
-    model = _tiny_esc()
+    model = tiny_esc()
     with pytest.raises(Fp16UnsafeError, match="at least one picture"):
         fp16_safety_report(model, [], progress=False)
     with pytest.raises(Fp16UnsafeError, match=r"\(1, 3, h, w\)"):

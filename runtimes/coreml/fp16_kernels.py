@@ -24,10 +24,11 @@ more than 2 x 11 + 2 bits), which the interpreter's result rounding already does
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
+from .kernels import conv_partial_sums, reduction_axes
 from .registry import Call, Kernel, as_f32, axis_index
 
 __all__ = ["ACCUMULATION_BLOCK", "FP16_KERNELS", "matmul16", "round16", "sum16"]
@@ -115,21 +116,16 @@ def matmul16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
                          for i in range(0, k, ACCUMULATION_BLOCK)), shape)
 
 
-def _axes(c: Call, rank: int) -> tuple[int, ...] | None:
-    axes = c.ints("axes")
-    return None if axes is None else tuple(axis_index(a, rank) for a in axes)
-
-
 @_fp16_kernel("reduce_sum")
 def _reduce_sum16(c: Call) -> np.ndarray:
     x = c.x()
-    return sum16(x, _axes(c, x.ndim), c.bool("keep_dims", False))
+    return sum16(x, reduction_axes(c, x.ndim), c.bool("keep_dims", False))
 
 
 @_fp16_kernel("reduce_mean")
 def _reduce_mean16(c: Call) -> np.ndarray:
     x = c.x()
-    return mean16(x, _axes(c, x.ndim), c.bool("keep_dims", False))
+    return mean16(x, reduction_axes(c, x.ndim), c.bool("keep_dims", False))
 
 
 def softmax16(x: np.ndarray, axis: int) -> np.ndarray:
@@ -192,8 +188,6 @@ def _sdpa16(c: Call) -> np.ndarray:
 
 @_fp16_kernel("conv")
 def _conv16(c: Call) -> np.ndarray:
-    from .kernels import conv_partial_sums  # the one convolution walk, shared with the fp32 kernel
-
     shape, partials = conv_partial_sums(c, block=ACCUMULATION_BLOCK)
     out = accumulate16(partials, shape)
     bias = c("bias")

@@ -32,14 +32,24 @@ fp16 behaviour. An operation this interpreter does not know raises
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from . import kernels, shape_kernels  # noqa: F401  (they register their kernels)
 from .constexpr import COMPILE_TIME_OPS
 from .fp16_kernels import FP16_KERNELS, round16
-from .reader import DTYPES, FLOAT_TYPES, InterpreterError, MILOp, MILProgram, MILVar, UnsupportedOpError, load_program
+from .reader import (
+    DTYPES,
+    FLOAT_TYPES,
+    InterpreterError,
+    MILOp,
+    MILProgram,
+    MILVar,
+    UnsupportedOpError,
+    load_program,
+)
 from .registry import KERNELS, Call
 
 __all__ = ["PRECISIONS", "Interpreter", "quantise8", "round16"]

@@ -12,14 +12,15 @@ here untested. Values arrive as float32 (fp16 rounding is the interpreter's job)
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from .reader import DTYPES, FLOAT_TYPES, InterpreterError
 from .registry import KERNELS, Call, Kernel, as_f32, axis_index, kernel
 
-__all__ = ["CAST_DTYPES", "conv_partial_sums"]
+__all__ = ["CAST_DTYPES", "conv_partial_sums", "reduction_axes"]
 
 # ``cast``'s dtype strings.
 CAST_DTYPES = {
@@ -147,21 +148,19 @@ def _mean(x: np.ndarray, axis: tuple[int, ...] | None, keepdims: bool) -> np.nda
     return np.mean(x, axis=axis, keepdims=keepdims, dtype=np.float64).astype(x.dtype)
 
 
-
-
 @kernel("reduce_mean")
 def _reduce_mean(c: Call) -> np.ndarray:
     x = c.x()
-    return _mean(x, _axes(c, x.ndim), c.bool("keep_dims", False))
+    return _mean(x, reduction_axes(c, x.ndim), c.bool("keep_dims", False))
 
 
 @kernel("reduce_sum")
 def _reduce_sum(c: Call) -> np.ndarray:
     x = c.x()
-    return np.sum(x, axis=_axes(c, x.ndim), keepdims=c.bool("keep_dims", False))
+    return np.sum(x, axis=reduction_axes(c, x.ndim), keepdims=c.bool("keep_dims", False))
 
 
-def _axes(c: Call, rank: int) -> tuple[int, ...] | None:
+def reduction_axes(c: Call, rank: int) -> tuple[int, ...] | None:
     axes = c.ints("axes")
     return None if axes is None else tuple(axis_index(a, rank) for a in axes)
 
