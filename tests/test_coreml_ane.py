@@ -233,6 +233,21 @@ def test_every_function_matches_pytorch(tile_package):
         assert res.passed and res.name.startswith(f"tile_{w}x{h}"), res.summary()
 
 
+def test_fp16_tensor_io_package(tmp_path):
+    """fp16 in, fp16 out: no I/O cast at all, the lint passes, PyTorch parity at the fp16 entry."""
+    model = _tiny()
+    prepared = ce.prepare_model(model, form="ane")
+    config = ce.CoreMLExportConfig(model="esc", scale=2, input_size=(16, 16), precision="fp16", target="iOS18",
+                                   form="ane", io_dtype="fp16")
+    result = ce.convert_module(prepared, config, tmp_path / "io16.mlpackage", model_for_metadata=prepared)
+    program = load_program(result.path)
+    assert program.inputs[0].dtype == "FLOAT16" and "cast" not in result.report.histogram
+    assert result.lint.ok and result.report.metadata["esc.io_dtype"] == "float16", result.lint.violations
+    assert ce.function_parity(result.path, model, torch.rand(1, 3, 16, 16), "fp16").passed
+    with pytest.raises(ce.CoreMLExportError, match="fp16 tensor I/O"):
+        ce.resolve_config("esc", 4, preset="m2", io_dtype="fp16")  # presets have image I/O
+
+
 def test_multifunction_needs_ios18_and_ane_needs_fixed_shapes():
     with pytest.raises(ce.CoreMLExportError, match="multifunction package"):
         ce.resolve_config("esc", 4, preset="iphone", target="iOS17")
@@ -292,6 +307,7 @@ def test_sizes_are_width_by_height():
 def test_esc_rib_fp32_package_matches_pytorch(tmp_path):
     """The golden ESC-RIB x4 checkpoint at its golden 70x45 input: interpreter vs PyTorch within 1e-4."""
     from models import load_model
+    from runtimes.coreml.registry import KERNELS
 
     ckpt = GOLDEN_RIB / "esc_rib_x4_45x70_b1.pth"
     if not ckpt.is_file():
@@ -300,6 +316,10 @@ def test_esc_rib_fp32_package_matches_pytorch(tmp_path):
     cfg = ce.resolve_config(None, None, str(ckpt), input_size="70x45", precision="fp32",
                             output=tmp_path / "esc_rib.mlpackage")
     result = ce.export_coreml(cfg)
+    assert result.report.ok and result.report.metadata["esc.variant"] == "esc_rib", result.report.problems
+    assert "gather" not in result.report.histogram  # the factors are folded constants, SDPA has no mask
+    if "sigmoid" not in KERNELS:
+        pytest.skip("the interpreter has no sigmoid kernel yet (RIB's gate); runtimes/coreml owns it")
     reference = load_model(ckpt, attention="naive")
     res = ce.function_parity(result.path, reference, lr, "fp32")
     assert res.max_abs < FP32_ATOL, res.summary()

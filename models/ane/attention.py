@@ -79,8 +79,8 @@ class AneAttention(AttentionBackend):
     """The ANE form of ESC's window attention (see the module doc).
 
     Needs the block's :class:`AneBiasConstants` as ``attn.ane_bias`` (attached by
-    :func:`models.ane.ane_form`); ``query_chunk`` must divide nothing in particular
-    (the last chunk may be shorter).
+    :func:`models.ane.ane_form`), whose chunks are the query chunks (the last one may be
+    shorter than ``query_chunk``).
     """
 
     name = "ane"
