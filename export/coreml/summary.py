@@ -51,6 +51,9 @@ def summary_rows(result: ExportResult) -> list[tuple[str, str]]:
     function = f", function_name='{next(iter(rep.functions))}'" if cfg.multifunction else ""
     rows += [
         ("use (macOS)", f"ct.models.MLModel('{result.path}'{function}).predict({{'{INPUT_NAME}': x}})['{OUTPUT_NAME}']"),
-        ("use (toolkit)", f"runtimes.load('{result.path}') (Core ML on macOS, numpy interpreter elsewhere)"),
+        ("use (toolkit)", f"runtimes.coreml.Interpreter(load_program('{result.path}', function='"
+                          f"{next(iter(rep.functions))}')) (runtimes.load runs single-function packages only)"
+         if cfg.multifunction else
+         f"runtimes.load('{result.path}') (Core ML on macOS, numpy interpreter elsewhere)"),
     ]
     return rows
