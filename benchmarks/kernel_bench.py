@@ -63,7 +63,9 @@ class Row:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example (on a CUDA machine):\n  python -m benchmarks.kernel_bench --dtype bf16 --repeat 30 --no-flex")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--height", type=int, default=180, help="LR feature height (padded to a window multiple)")
     parser.add_argument("--width", type=int, default=320)
@@ -82,7 +84,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _time_cuda(fn: Callable[[], torch.Tensor], warmup: int, repeat: int) -> tuple[float, float]:
+def time_cuda(fn: Callable[[], torch.Tensor], warmup: int, repeat: int) -> tuple[float, float]:
     """Median and min milliseconds of ``fn`` measured with CUDA events."""
     for _ in range(warmup):
         fn()
@@ -97,7 +99,7 @@ def _time_cuda(fn: Callable[[], torch.Tensor], warmup: int, repeat: int) -> tupl
     return statistics.median(times), min(times)
 
 
-def _peak_extra_mib(fn: Callable[[], torch.Tensor]) -> float:
+def peak_extra_mib(fn: Callable[[], torch.Tensor]) -> float:
     """Peak memory allocated by one call of ``fn`` above the current allocation (MiB)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -196,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for name, scope, fn, to_map in methods:
             err = (to_map(fn()).float() - reference).abs().max().item()
-            median_ms, min_ms = _time_cuda(fn, args.warmup, args.repeat)
-            rows.append(Row(name, scope, median_ms, min_ms, _peak_extra_mib(fn), err))
+            median_ms, min_ms = time_cuda(fn, args.warmup, args.repeat)
+            rows.append(Row(name, scope, median_ms, min_ms, peak_extra_mib(fn), err))
             print(f"{name:34s} {scope:10s} {median_ms:8.3f} ms  err {err:.2e}", flush=True)
 
     props = torch.cuda.get_device_properties(device)

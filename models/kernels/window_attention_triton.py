@@ -158,8 +158,8 @@ def window_attention_triton(
     window: int,
     heads: int,
     *,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> Tensor:
     """Fused ESC window attention; same contract as the reference.
 
@@ -174,8 +174,10 @@ def window_attention_triton(
             (fp32 with fp16 ``qkv`` is fine: the bias is added in fp32).
         window: window size, a positive multiple of 16.
         heads: number of heads.
-        block_m: query tokens per program (power of two >= 16 dividing window**2).
-        block_n: key tokens per inner-loop step (same constraint).
+        block_m: query tokens per program (power of two >= 16 dividing window**2);
+            default 64 compiled, ``window**2`` interpreted (the interpreter's cost is per
+            program and step, so one program per window keeps CPU runs short).
+        block_n: key tokens per inner-loop step (same constraint and defaults).
 
     Returns:
         ``(B, heads*16, H, W)`` tensor in ``qkv.dtype``.
@@ -186,6 +188,9 @@ def window_attention_triton(
     if qkv.dtype not in _TL_DTYPES:
         raise ValueError(f"qkv dtype must be one of {tuple(_TL_DTYPES)}, got {qkv.dtype}")
     tokens = window * window
+    default_block = tokens if INTERPRETER_MODE else 64
+    block_m = default_block if block_m is None else block_m
+    block_n = default_block if block_n is None else block_n
     _check_block("block_m", block_m, tokens)
     _check_block("block_n", block_n, tokens)
 
