@@ -49,6 +49,7 @@ import torch
 
 from models.errors import ESCError
 
+from .memory import BudgetError, TilePlan, default_budget, plan_tiles
 from .metadata import ArtifactMetadata, MetadataError, resolve_scale
 from .tiling import TileOptions, tiled_upscale, upscale_alpha
 
@@ -139,6 +140,11 @@ class InferTimings:
         with self._lock:
             self.count, self.total_s = 0, 0.0
             self.recent.clear()
+
+
+#: Tile overlap for a model the runner knows nothing about (no descriptor, no
+#: ``esc.variant``): the toolkit's earlier fixed default, enough for small conv stacks.
+UNKNOWN_MODEL_CONTEXT = 16
 
 
 class Runner(ABC):
@@ -270,6 +276,23 @@ class Runner(ABC):
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.infer(batch)
 
+    def tiling_grid(self) -> tuple[int, int]:
+        """(align, context): the grid tile origins sit on and the overlap that reaches the output floor.
+
+        From the model's descriptor (:class:`models.base.TilingBehaviour`) when the
+        runner holds the model; for an exported ESC artifact (``esc.variant`` known) its
+        window (``input_multiple``) and ESC's measured context; otherwise no grid and
+        :data:`UNKNOWN_MODEL_CONTEXT`.
+        """
+        tiling = getattr(getattr(getattr(self, "model", None), "descriptor", None), "tiling", None)
+        if tiling:
+            return int(tiling.align), int(tiling.context)
+        if getattr(self, "variant", None):
+            from models.base import ESCBase
+
+            return max(int(self.input_multiple), 1), ESCBase.TILE_CONTEXT
+        return max(int(self.input_multiple), 1), UNKNOWN_MODEL_CONTEXT
+
     def _window(self, tile: int | None, fixed_shape: tuple[int, int] | None) -> tuple[int | None, tuple[int, int] | None]:
         """Resolve (tile, fixed_shape) for the tiler, refusing what this artifact cannot run."""
         if self.fixed_shape is not None:
@@ -287,20 +310,48 @@ class Runner(ABC):
             raise RunnerError("pass either tile or fixed_shape, not both")
         return tile, (tuple(fixed_shape) if fixed_shape is not None else None)  # type: ignore[return-value]
 
-    def _tiling_args(self, size: tuple[int, int], tile: int | None, overlap: int,
+    def plan_tiles(self, size: tuple[int, int], images: int = 1, **options: Unpack[TileOptions]) -> TilePlan:
+        """The tile, overlap and batch :meth:`upscale` uses for ``images`` pictures of ``size`` (H, W).
+
+        Given options win; the rest comes from :func:`runtimes.memory.plan_tiles` with this
+        runner's per-pixel cost (:attr:`name`), its :meth:`tiling_grid` and the memory
+        budget (``memory_budget`` bytes, default a safe share of free memory on
+        :attr:`device`). Public so a caller can print the plan or reuse it for a
+        reference run (parity tiles the reference exactly like the candidate).
+        """
+        tile, window = self._window(options.get("tile"), options.get("fixed_shape"))
+        align, context = self.tiling_grid()
+        budget = options.get("memory_budget")
+        budget, source = default_budget(self.device) if budget is None else (int(budget), "memory_budget given")
+        if window is not None:
+            tile = max(window)
+        max_tile = self.default_tile(size) if tile is None else None
+        try:
+            return plan_tiles(size, self.scale, self.name, budget, source, images=images, align=align,
+                              context=context, tile=tile, overlap=options.get("overlap"),
+                              batch_size=options.get("batch_size"), max_tile=max_tile)
+        except BudgetError as exc:
+            raise RunnerError(str(exc)) from None
+
+    def _tiling_args(self, size: tuple[int, int], plan: TilePlan,
                      fixed_shape: tuple[int, int] | None) -> dict[str, Any]:
-        """Keyword arguments for the tiler for an image of ``size`` (H, W)."""
-        if tile is None and fixed_shape is None and self.fixed_shape is None:
-            tile = self.default_tile(size)
-        tile, window = self._window(tile, fixed_shape)
+        """Keyword arguments for the tiler for an image of ``size`` (H, W) under ``plan``."""
+        tile, window = self._window(None if (fixed_shape or self.fixed_shape) else plan.tile, fixed_shape)
+        overlap = plan.overlap
         sides = window if window is not None else ((tile, tile) if tile is not None else None)
-        if sides is not None and size[0] <= sides[0] and size[1] <= sides[1]:
+        if sides is None or (size[0] <= sides[0] and size[1] <= sides[1]):
             overlap = 0  # one call per image: no neighbouring tile, so no context to crop
         if sides is not None and min(sides) <= 2 * overlap:
             raise RunnerError(
                 f"overlap={overlap} is too large for {sides[0]}x{sides[1]} model calls: every call must be "
                 f"larger than 2 * overlap = {2 * overlap}. Lower the overlap or use larger tiles")
-        return {"tile": tile, "fixed_shape": window, "multiple": self.pad_multiple, "overlap": overlap}
+        # Tiles start on the attention-window grid unless the caller's tile and overlap leave
+        # less than one window between overlaps: then they are spaced evenly, as before.
+        align = self.tiling_grid()[0] if window is None else 1
+        if tile is not None and tile - 2 * overlap < align:
+            align = 1
+        return {"tile": tile, "fixed_shape": window, "multiple": self.pad_multiple, "overlap": overlap,
+                "align": align, "batch_size": plan.batch_size}
 
     def _tiled(self, tiler: Callable[..., torch.Tensor], planes: torch.Tensor, options: TileOptions) -> torch.Tensor:
         """Run ``tiler`` (colour or alpha) over ``planes`` with this runner's tiling rules."""
@@ -311,18 +362,20 @@ class Runner(ABC):
         if not isinstance(planes, torch.Tensor) or planes.ndim != 4:
             shape = tuple(planes.shape) if isinstance(planes, torch.Tensor) else type(planes).__name__
             raise RunnerError(f"expected an (N, C, H, W) tensor, got {shape}; add a batch dimension with x[None]")
-        args = self._tiling_args(tuple(planes.shape[-2:]), options.get("tile"), options.get("overlap", 16),
-                                 options.get("fixed_shape"))
-        return tiler(self.infer, planes, self.scale, batch_size=options.get("batch_size", 4),
-                     progress=options.get("progress", False), **args)
+        size = (int(planes.shape[-2]), int(planes.shape[-1]))
+        plan = self.plan_tiles(size, int(planes.shape[0]), **options)
+        args = self._tiling_args(size, plan, options.get("fixed_shape"))
+        return tiler(self.infer, planes, self.scale, progress=options.get("progress", False), **args)
 
     @torch.no_grad()
     def upscale(self, image: torch.Tensor, **options: Unpack[TileOptions]) -> torch.Tensor:
         """Upscale ``image`` (N, 3, H, W) in [0, 1] through :func:`runtimes.tiling.tiled_upscale`.
 
-        Options (:class:`runtimes.tiling.TileOptions`): ``tile=None`` runs each image
-        in one call (any size, for dynamic-shape artifacts) unless :meth:`default_tile`
-        asks for tiles; ``overlap=16``; ``batch_size=4``; ``progress=False``;
+        Options (:class:`runtimes.tiling.TileOptions`): ``tile``, ``overlap`` and
+        ``batch_size`` left at ``None`` are chosen by :meth:`plan_tiles` from
+        ``memory_budget`` (bytes; default a safe share of free memory): the whole image
+        in one call when it fits, else the largest tile on the model's window grid that
+        does, with the model's measured context as overlap.  ``progress=False``;
         ``fixed_shape=None`` lets a dynamic runner mimic a fixed-shape one exactly
         (parity checks tile the reference the way the candidate is tiled).
         Fixed-shape artifacts always tile at their own shape.  Returns float32

@@ -23,6 +23,15 @@ The scheme ("crop the context away"):
   a smaller overlap the pixels near a boundary see less context than untiled
   and may differ.
 
+Window alignment (``align``): a model whose attention windows sit on a fixed grid from
+the image origin (ESC: 32x32) sees different windows in a tile that starts off that grid.
+With ``align`` > 1 (and no ``fixed_shape``), window starts are multiples of ``align``, so
+every tile's attention windows are the untiled run's windows.  A window that would
+reach past the image end is shortened to end there instead of being moved back off the
+grid; it then pads internally exactly as the untiled image does.  Windows therefore
+come in at most four shapes (interior, last row, last column, corner), and calls batch
+windows of one shape.
+
 Padding (``multiple`` and ``fixed_shape``): when a call's input has to be a
 multiple of some size (window attention) or exactly ``fixed_shape`` (static
 engines), each window is padded at the bottom/right, by reflection where the
@@ -55,16 +64,18 @@ class TileOptions(TypedDict, total=False):
     """The tiling keywords of :meth:`runtimes.base.Runner.upscale` and ``upscale_alpha``.
 
     Written once so the two methods (and back-ends) share one signature instead of
-    repeating it.  Defaults: ``tile=None`` (one call per image, or the runner's
-    ``default_tile``), ``overlap=16``, ``batch_size=4``, ``progress=False``,
+    repeating it.  ``None`` (the default) for ``tile``, ``overlap``, ``batch_size``
+    lets the runner choose them from ``memory_budget`` (bytes; default a safe share of
+    free memory, see :func:`runtimes.memory.plan_tiles`); ``progress=False``,
     ``fixed_shape=None``; their meaning is that of :func:`tiled_upscale`.
     """
 
     tile: int | None
-    overlap: int
-    batch_size: int
+    overlap: int | None
+    batch_size: int | None
     progress: bool
     fixed_shape: tuple[int, int] | None
+    memory_budget: int | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class _Span:
     """One window along one axis and the part of it whose output is kept."""
 
     start: int  # first input pixel of the window
+    size: int  # input pixels of the window
     keep_start: int  # first input pixel whose output this window provides
     keep_end: int  # one past the last such pixel
 
@@ -100,12 +112,34 @@ def _plan_axis(length: int, window: int, overlap: int) -> list[_Span]:
     keep boundary is the middle of each pairwise overlap).
     """
     if length <= window:
-        return [_Span(0, 0, length)]
+        return [_Span(0, length, 0, length)]
     stride = window - 2 * overlap
     gaps = math.ceil((length - window) / stride)
     starts = [k * (length - window) // gaps for k in range(gaps + 1)]
-    bounds = [0] + [(a + b + window) // 2 for a, b in zip(starts, starts[1:])] + [length]
-    return [_Span(s, bounds[k], bounds[k + 1]) for k, s in enumerate(starts)]
+    return _spans(starts, [window] * len(starts), length)
+
+
+def _plan_axis_aligned(length: int, window: int, overlap: int, align: int) -> list[_Span]:
+    """Windows starting on multiples of ``align``, the last shortened to end at ``length``.
+
+    The stride is the largest multiple of ``align`` that keeps ``2 * overlap`` pixels
+    of overlap; a window that would pass the end stops there (it keeps more than
+    ``2 * overlap`` pixels, because its predecessor did not reach the end).
+    """
+    if length <= window:
+        return [_Span(0, length, 0, length)]
+    stride = (window - 2 * overlap) // align * align
+    if stride < align:
+        raise ValueError(f"tile={window} leaves no {align}-pixel step after 2 * overlap = {2 * overlap}; "
+                         f"use a tile of at least {2 * overlap + align} or a smaller overlap")
+    starts = list(range(0, length - window, stride)) + [math.ceil((length - window) / stride) * stride]
+    return _spans(starts, [min(window, length - s) for s in starts], length)
+
+
+def _spans(starts: list[int], sizes: list[int], length: int) -> list[_Span]:
+    """Spans whose kept parts meet in the middle of each pairwise overlap."""
+    bounds = [0] + [(b + a + size) // 2 for a, b, size in zip(starts, starts[1:], sizes)] + [length]
+    return [_Span(s, size, bounds[k], bounds[k + 1]) for k, (s, size) in enumerate(zip(starts, sizes))]
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -122,8 +156,13 @@ def _pad_axis(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
 
 
 def _batches(tiles: Sequence[_Tile], batch_size: int) -> Iterator[Sequence[_Tile]]:
-    for i in range(0, len(tiles), batch_size):
-        yield tiles[i : i + batch_size]
+    """Up to ``batch_size`` tiles of one window shape per call, in plan order within a shape."""
+    shapes: dict[tuple[int, int], list[_Tile]] = {}
+    for t in tiles:
+        shapes.setdefault((t.rows.size, t.cols.size), []).append(t)
+    for group in shapes.values():
+        for i in range(0, len(group), batch_size):
+            yield group[i : i + batch_size]
 
 
 def _window_sides(tile: int | None, fixed_shape: tuple[int, int] | None) -> dict[str, object]:
@@ -145,6 +184,7 @@ def _validate(
     multiple: int = 1,
     fixed_shape: tuple[int, int] | None = None,
     progress: bool = False,
+    align: int = 1,
 ) -> tuple[int, int] | None:
     """Check the tiling arguments; return the window (h, w), or None for untiled.
 
@@ -155,6 +195,7 @@ def _validate(
     _check_int("overlap", overlap, 0)
     _check_int("batch_size", batch_size, 1)
     _check_int("multiple", multiple, 1)
+    _check_int("align", align, 1)
     sides = _window_sides(tile, fixed_shape)
     for name, size in sides.items():
         _check_int(name, size, 1)
@@ -186,6 +227,7 @@ def tiled_upscale(
     multiple: int = 1,
     progress: bool = False,
     fixed_shape: tuple[int, int] | None = None,
+    align: int = 1,
 ) -> torch.Tensor:
     """Upscale ``image`` (N, 3, H, W) by ``scale`` through ``upscale_fn``, in tiles.
 
@@ -208,6 +250,8 @@ def tiled_upscale(
             static-shape engines.  It replaces ``tile`` (pass ``tile=None``):
             windows are this size, and images smaller than it in a dimension
             are padded (reflect, or replicate when too small) and cropped.
+        align: window starts on multiples of this (the model's attention-window
+            grid), see the module docstring; ignored with ``fixed_shape``.
 
     Returns:
         (N, 3, H * scale, W * scale) tensor with the dtype and device of
@@ -215,25 +259,28 @@ def tiled_upscale(
 
     Inference only: runs under ``torch.no_grad()``.
     """
-    window = _validate(scale, tile, overlap, batch_size, multiple, fixed_shape)
+    window = _validate(scale, tile, overlap, batch_size, multiple, fixed_shape, align=align)
     _check_planes("image", image, 3)
     n, _, height, width = image.shape
     if n == 0 or height == 0 or width == 0:
         raise ValueError(f"image must be non-empty, got shape {tuple(image.shape)}")
     win_h, win_w = window if window is not None else (height, width)
 
-    row_spans = _plan_axis(height, win_h, overlap)
-    col_spans = _plan_axis(width, win_w, overlap)
-    tiles = [_Tile(i, r, c) for i in range(n) for r in row_spans for c in col_spans]
-    in_h, in_w = min(win_h, height), min(win_w, width)
-    if fixed_shape is not None:
-        call_h, call_w = fixed_shape
+    if align > 1 and fixed_shape is None:
+        row_spans, col_spans = (_plan_axis_aligned(height, win_h, overlap, align),
+                                _plan_axis_aligned(width, win_w, overlap, align))
     else:
-        call_h, call_w = _round_up(in_h, multiple), _round_up(in_w, multiple)
+        row_spans, col_spans = _plan_axis(height, win_h, overlap), _plan_axis(width, win_w, overlap)
+    tiles = [_Tile(i, r, c) for i in range(n) for r in row_spans for c in col_spans]
 
     out: torch.Tensor | None = None
     with tqdm(total=len(tiles), disable=not progress, desc="tiles", unit="tile") as bar:
         for group in _batches(tiles, batch_size):
+            in_h, in_w = group[0].rows.size, group[0].cols.size
+            if fixed_shape is not None:
+                call_h, call_w = fixed_shape
+            else:
+                call_h, call_w = _round_up(in_h, multiple), _round_up(in_w, multiple)
             batch = torch.stack(
                 [
                     image[t.image, :, t.rows.start : t.rows.start + in_h, t.cols.start : t.cols.start + in_w]
@@ -275,7 +322,7 @@ def upscale_alpha(
 
     The plane is replicated to three channels, sent through
     :func:`tiled_upscale` with the same arguments (``options``: its keywords
-    ``batch_size``, ``multiple``, ``progress``, ``fixed_shape``), averaged back
+    ``batch_size``, ``multiple``, ``progress``, ``fixed_shape``, ``align``), averaged back
     to one channel and clamped to [0, 1].  Using the same model keeps the alpha
     edges aligned with the sharpened colour edges, which a bicubic alpha
     would not be.  A plane that is constant in every image (the common

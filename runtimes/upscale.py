@@ -1,7 +1,7 @@
 """Upscale an image, or a folder of images, with any ESC artifact.
 
-    python -m runtimes.upscale INPUT OUTPUT --artifact ART [--tile T --overlap O
-        --batch-size B --device cpu --provider cpu|cuda|tensorrt ...]
+    python -m runtimes.upscale INPUT OUTPUT --artifact ART [--memory-budget 4GB | --tile T
+        --overlap O --batch-size B] [--device cpu --provider cpu|cuda|tensorrt ...]
 
 INPUT is an image file or a directory (its image files, not recursive); OUTPUT is a file
 or a directory (created when missing).  Each output keeps its input's kind: grey stays
@@ -9,6 +9,14 @@ grey, RGBA keeps an alpha plane (upscaled separately with the same model, see
 :func:`runtimes.tiling.upscale_alpha`), 16-bit PNG stays 16-bit; EXIF orientation is
 applied when reading.  In directory mode an output keeps its input's file name, except
 that a 16-bit image whose format cannot hold 16 bits is written as ``.png``.
+
+Memory: tile side, overlap and batch are chosen per image from a memory budget
+(``--memory-budget``, default half the available RAM, or half the free memory of the
+CUDA device) and the runtime's measured cost per pixel (:mod:`runtimes.memory`); tiles
+start on the model's attention-window grid with its measured context as overlap, so a
+tiled picture stays within one 8-bit level of the untiled one.  ``--tile`` /
+``--overlap`` / ``--batch-size`` override the choice.  One ``tiling:`` line on stderr
+says what was chosen.
 
 Safety and failures: the input is never overwritten (OUTPUT resolving to INPUT is an
 error; in directory mode any output path that is one of the inputs is skipped).  A file
@@ -34,8 +42,9 @@ from models.errors import ESCError
 from runtimes import imageio
 from runtimes.base import Runner, load
 from runtimes.cli_args import add_runner_args, positive_int, runner_options
+from runtimes.memory import BudgetError, TilePlan, parse_budget
 
-__all__ = ["UsageError", "main", "plan_outputs", "upscale_file"]
+__all__ = ["UsageError", "budget_arg", "main", "plan_outputs", "upscale_file"]
 
 #: Suffixes treated as images when INPUT is a directory (others are ignored silently
 #: only if they are hidden files; see :func:`_collect`).
@@ -48,7 +57,8 @@ class UsageError(Exception):
 
 EXAMPLES = """examples:
   python -m runtimes.upscale photo.png photo_x4.png --artifact artifacts/esc_x4.onnx
-  python -m runtimes.upscale photos/ upscaled/ --artifact official:ESC_light_X4 --tile 256 --overlap 32
+  python -m runtimes.upscale photos/ upscaled/ --artifact official:ESC_light_X4 --memory-budget 2GB
+  python -m runtimes.upscale big.png big_x4.png --artifact esc_x4.onnx --tile 512 --overlap 96
   esc-deploy upscale frame.png frame_x4.png --artifact esc_x4.engine --device cuda
 
 exit status: 0 all files written, 1 some files failed or were skipped, 2 usage error."""
@@ -67,8 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
                                           "torch:PATH) or an exported artifact (.onnx, .engine, .mlpackage)")
     parser.add_argument("--scale", type=positive_int, default=None,
                         help="upscaling factor, only for ONNX files without esc.scale metadata")
+    parser.add_argument("--memory-budget", type=budget_arg, default=None, metavar="SIZE",
+                        help="memory the upscale may use, e.g. 4GB or 512MB (default: half the available RAM, "
+                             "or half the free CUDA memory); picks tile, overlap and batch unless given")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Unset means "chosen from the memory budget" (runtimes.memory.plan_tiles).
+    parser.set_defaults(overlap=None, batch_size=None)
     return parser
+
+
+def budget_arg(text: str) -> int:
+    """argparse type for ``--memory-budget``: a bad size is a usage error (exit 2) naming the syntax."""
+    try:
+        return parse_budget(text)
+    except BudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -114,13 +137,16 @@ def output_path(dst: Path, bit_depth: int) -> Path:
     return dst.with_suffix(".png") if bit_depth == 16 and dst.suffix.lower() != ".png" else dst
 
 
-def upscale_file(runner: Runner, src: Path, dst: Path, tile: int | None, overlap: int,
-                 batch_size: int, progress: bool = False, protect: Sequence[Path] = ()) -> Path:
+def upscale_file(runner: Runner, src: Path, dst: Path, tile: int | None, overlap: int | None,
+                 batch_size: int | None, progress: bool = False, protect: Sequence[Path] = (),
+                 memory_budget: int | None = None, plans: list[TilePlan] | None = None) -> Path:
     """Read ``src``, upscale colour (and alpha), write ``dst``; returns the path written.
 
-    A 16-bit image bound for a format other than PNG is written as ``.png`` beside it.
-    Raises ``ValueError`` (before any inference) when the output would be ``src`` or
-    one of ``protect``.
+    ``tile``/``overlap``/``batch_size`` left ``None`` are chosen by
+    :meth:`runtimes.base.Runner.plan_tiles` within ``memory_budget`` bytes; the plan
+    used is appended to ``plans`` when given.  A 16-bit image bound for a format other
+    than PNG is written as ``.png`` beside it.  Raises ``ValueError`` (before any
+    inference) when the output would be ``src`` or one of ``protect``.
     """
     image = imageio.read_image(src)
     dst = output_path(dst, image.bit_depth)
@@ -128,12 +154,17 @@ def upscale_file(runner: Runner, src: Path, dst: Path, tile: int | None, overlap
         if _same_path(dst, path):
             raise ValueError(f"its output path {dst} is an input file or another output; not overwriting it")
     x = imageio.to_tensor(image.rgb)
-    sr = runner.upscale(x, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress)
+    plan = runner.plan_tiles((image.height, image.width), tile=tile, overlap=overlap, batch_size=batch_size,
+                             memory_budget=memory_budget)
+    if plans is not None:
+        plans.append(plan)
+    chosen = {"tile": None if runner.fixed_shape else plan.tile, "overlap": plan.overlap,
+              "batch_size": plan.batch_size, "progress": progress, "memory_budget": plan.budget}
+    sr = runner.upscale(x, **chosen)
     alpha = None
     if image.alpha is not None:
         a = torch.from_numpy(image.alpha)[None, None]
-        alpha = runner.upscale_alpha(a, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress)
-        alpha = alpha[0, 0].numpy()
+        alpha = runner.upscale_alpha(a, **chosen)[0, 0].numpy()
     out = dataclasses.replace(image, rgb=imageio.from_tensor(sr), alpha=alpha, path=src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     imageio.write_image(dst, out)
@@ -157,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     written: set[Path] = set()
     failed: list[str] = []
     done = 0
+    plans: list[TilePlan] = []
     start = time.perf_counter()
     with runner:
         bar = tqdm(pairs, desc="images", unit="img", disable=args.quiet or len(pairs) < 2, file=sys.stderr)
@@ -168,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 final = upscale_file(runner, src, dst, args.tile, args.overlap, args.batch_size,
                                      progress=not args.quiet and len(pairs) == 1,
-                                     protect=[*inputs, *written])
+                                     protect=[*inputs, *written], memory_budget=args.memory_budget, plans=plans)
+                if len(plans) == 1 or plans[-1].describe() != plans[-2].describe():
+                    tqdm.write(plans[-1].describe(), file=sys.stderr)
             except imageio.ImageReadError as exc:
                 failed.append(str(src))
                 tqdm.write(f"skipped {exc}", file=sys.stderr)

@@ -1,22 +1,40 @@
 """Shared pytest fixtures and markers.
 
 Shared read-only data (datasets, golden checkpoints) lives in ``../shared`` beside the
-repo root and is never copied into the repo; tests that need it skip, naming the
-missing path, where it is absent.
+repo root (``ESC_SHARED_DIR`` points elsewhere) and is never copied into the repo; tests
+that need it skip, naming the missing path, where it is absent.  In CI that would let a
+run pass without one golden test: with ``ESC_REQUIRE_SHARED=1`` a missing shared folder
+stops the session before any test runs (exit status 4), naming the folder.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+if TYPE_CHECKING:
+    import onnx
+
+SHARED_DIR = Path(os.environ.get("ESC_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
+#: What must exist under the shared folder for the golden tests to run at all.
+SHARED_REQUIRED = ("golden", "data/Set5", "data/real_inputs")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    if os.environ.get("ESC_REQUIRE_SHARED") == "1":
+        missing = [str(SHARED_DIR / part) for part in SHARED_REQUIRED if not (SHARED_DIR / part).exists()]
+        if missing:
+            raise pytest.UsageError(
+                f"ESC_REQUIRE_SHARED=1 but the shared test data is missing: {', '.join(missing)}. Every golden "
+                f"test would be skipped, so this run could not fail. Put the shared folder beside the repo "
+                f"(../shared) or point ESC_SHARED_DIR at it; unset ESC_REQUIRE_SHARED only on a machine "
+                f"that is not meant to run the golden tests")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -78,3 +96,39 @@ def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
 
     export_onnx(load_model(checkpoint, attention="sdpa"), path, opset=18, precision="fp32", shape="dynamic")
     return path
+
+
+# -- deliberately broken artifacts: every gate must reject them --------------------------
+def _rewire_output(model: "onnx.ModelProto", make: "Callable[[str, str], list[onnx.NodeProto]]") -> None:
+    """Rename the graph output's producer to ``<out>_raw`` and append ``make(raw, out)`` nodes."""
+    out = model.graph.output[0].name
+    raw = f"{out}_raw"
+    for node in model.graph.node:
+        node.output[:] = [raw if o == out else o for o in node.output]
+    model.graph.node.extend(make(raw, out))
+
+
+def swap_channels_onnx(src: Path, dst: Path) -> Path:
+    """Copy of ``src`` whose output channels come out BGR instead of RGB."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src))
+    model.graph.initializer.append(helper.make_tensor("bgr_order", TensorProto.INT64, [3], [2, 1, 0]))
+    _rewire_output(model, lambda raw, out: [helper.make_node("Gather", [raw, "bgr_order"], [out], axis=1)])
+    onnx.save(model, str(dst))
+    return dst
+
+
+def corrupt_constant_onnx(src: Path, dst: Path, factor: float = 1.02) -> Path:
+    """Copy of ``src`` with its largest float weight multiplied by ``factor`` (a 2% corruption)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    target = max(floats, key=lambda t: int(np.prod(t.dims)))
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
+    onnx.save(model, str(dst))
+    return dst

@@ -20,6 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from conftest import swap_channels_onnx
 from validation.compare import compare, compare_outputs
 from validation.parity import THRESHOLDS, main
 
@@ -90,7 +91,14 @@ def test_compare_shape_dtype_nonfinite_and_psnr_threshold() -> None:
     nan = ref.copy()
     nan[0, 0] = np.nan
     assert not compare(ref, nan).passed and compare(ref, nan).nonfinite == 1
-    assert compare(nan, nan.copy()).passed  # NaN in the same place on both sides
+    # NaN in the same place on both sides is a broken model twice, not parity.
+    both = compare(nan, nan.copy())
+    assert not both.passed and both.nonfinite == 2 and "1 in the reference, 1 in the candidate" in both.summary()
+    all_nan = np.full((2, 3), np.nan, np.float32)
+    assert not compare(all_nan, all_nan.copy()).passed
+    inf = ref.copy()
+    inf[1, 2] = np.inf
+    assert not compare(inf, inf.copy()).passed and not compare(ref, torch.from_numpy(inf)).passed
     close = ref + 5e-3
     assert compare(ref, close, atol=2e-2).passed  # PSNR 46 dB
     failed = compare(ref, close, atol=2e-2, min_psnr=50.0)
@@ -165,6 +173,18 @@ def test_corrupted_artifact_fails(golden_onnx: Path, checkpoint: Path, one_image
     image = report["images"][0]
     assert image["runtime"]["psnr_y"] is None  # flat folder: no HR metrics
     assert 1e-3 < image["comparison"]["max_abs"] <= 0.011
+
+
+@pytest.mark.slow
+def test_swapped_channels_fail_parity(golden_onnx: Path, checkpoint: Path, one_image: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An artifact that writes BGR instead of RGB is caught by the parity CLI."""
+    bad = swap_channels_onnx(golden_onnx, tmp_path / "bgr.onnx")
+    code = main(["--artifact", str(bad), "--weights", str(checkpoint), "--dataset", str(one_image),
+                 "--scale", "4", "--threads", "2", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "parity FAILED: 0/1 images" in out and "max abs error" in out
 
 
 def test_checkpoint_artifact_is_its_own_reference(checkpoint: Path, one_image: Path,

@@ -234,5 +234,5 @@ def test_upscale_and_parity_share_the_runner_flags() -> None:
     par = parity_parser().parse_args([*flags, "--dataset", "d", "--scale", "4"])
     assert runner_flags(upscale_parser()) == runner_flags(parity_parser())
     assert runner_options(up) == runner_options(par) == {"provider": "cuda", "threads": 2}
-    assert (up.tile, up.overlap, up.batch_size) == (par.tile, par.overlap, par.batch_size) == (64, 8, 4)
+    assert (up.tile, up.overlap, up.batch_size) == (par.tile, par.overlap, par.batch_size) == (64, 8, None)
     assert runner_options(up, scale=up.scale) == runner_options(up)  # --scale not given: not passed on

@@ -5,8 +5,9 @@ maximum, mean and 99th-percentile absolute error, where the maximum occurs, the 
 between the two (data range 1.0 by default: outputs are images in [0, 1]) and whether
 the comparison passed the given thresholds (``atol`` on the maximum absolute error,
 optionally ``min_psnr``).  Everything is computed in float64, so the statistics do not
-depend on the compared dtypes.  Non-finite values fail the comparison unless both sides
-have them at the same places with the same values.
+depend on the compared dtypes.  Any non-finite value (NaN or infinity) on either side
+fails the comparison, even where both sides agree: an all-NaN output matched against an
+all-NaN reference is a broken model twice, not parity.
 
 >>> result = compare(torch_out, onnx_out, atol=1e-4, name="sr")
 >>> result.passed, result.max_abs, result.psnr
@@ -128,7 +129,7 @@ def psnr_between(reference: np.ndarray, candidate: np.ndarray, data_range: float
 def compare(
     reference: Any,
     candidate: Any,
-    atol: float = 1e-4,
+    atol: float | None = None,
     name: str = "output",
     min_psnr: float | None = None,
     data_range: float = 1.0,
@@ -137,9 +138,12 @@ def compare(
     """Compare ``candidate`` with ``reference`` (numpy arrays or torch tensors).
 
     Passes when the shapes match, the dtypes match (unless ``check_dtype=False``),
-    every value is finite (or non-finite identically on both sides), the maximum
-    absolute error is <= ``atol`` and, when given, the PSNR is >= ``min_psnr``.
+    every value on both sides is finite, the maximum absolute error is <= ``atol``
+    (default: the fp32 entry of :data:`THRESHOLDS`) and, when given, the PSNR is >=
+    ``min_psnr``.
     """
+    if atol is None:
+        atol = THRESHOLDS["fp32"].atol
     ref, cand = _to_numpy(reference, "reference"), _to_numpy(candidate, "candidate")
     result = ComparisonResult(
         name=name, passed=False, shape_ok=ref.shape == cand.shape, dtype_ok=ref.dtype == cand.dtype,
@@ -154,11 +158,10 @@ def compare(
 
     r, c = ref.astype(np.float64), cand.astype(np.float64)
     finite_r, finite_c = np.isfinite(r), np.isfinite(c)
-    same_nonfinite = ~finite_r & ~finite_c & ((r == c) | (np.isnan(r) & np.isnan(c)))
-    bad = (finite_r != finite_c) | (~finite_r & ~finite_c & ~same_nonfinite)
-    result.nonfinite = int(bad.sum())
+    result.nonfinite = int((~finite_r).sum() + (~finite_c).sum())
     if result.nonfinite:
-        result.reasons.append(f"{result.nonfinite} non-finite value(s) differ")
+        result.reasons.append(f"non-finite values: {int((~finite_r).sum())} in the reference, "
+                              f"{int((~finite_c).sum())} in the candidate")
     both = finite_r & finite_c
     diff = np.abs(c - r)
     diff = np.where(both, diff, 0.0)
@@ -183,17 +186,19 @@ def compare(
 def compare_outputs(
     reference: Mapping[str, Any],
     candidate: Mapping[str, Any],
-    atol: float | Mapping[str, float] = 1e-4,
+    atol: float | Mapping[str, float] | None = None,
     min_psnr: float | None = None,
     **kwargs: Any,
 ) -> dict[str, ComparisonResult]:
     """:func:`compare` for every output name of ``reference`` (a missing one fails).
 
-    ``atol`` may be per output (a mapping; absent names get 1e-4).
+    ``atol`` may be per output (a mapping; absent names, and ``None``, get the fp32
+    entry of :data:`THRESHOLDS`).
     """
+    default = THRESHOLDS["fp32"].atol
     results: dict[str, ComparisonResult] = {}
     for key, ref in reference.items():
-        tol = atol.get(key, 1e-4) if isinstance(atol, Mapping) else atol
+        tol = atol.get(key, default) if isinstance(atol, Mapping) else (default if atol is None else atol)
         if key not in candidate:
             ref_arr = _to_numpy(ref, "reference")
             results[key] = ComparisonResult(

@@ -109,7 +109,7 @@ class ParityReport:
     layout: str
     scale: int
     tile: int | None
-    overlap: int
+    overlap: int | None
     images: list[ImageParity]
 
     @property
@@ -214,7 +214,7 @@ def _quality(sr: np.ndarray, hr: np.ndarray, scale: int) -> tuple[float, float]:
 
 
 def _score_one(runner: Runner, reference: Runner, lr: Path, hr: Path | None, scale: int, tile: int | None,
-               overlap: int, batch_size: int, threshold: Threshold) -> ImageParity:
+               overlap: int | None, batch_size: int | None, threshold: Threshold) -> ImageParity:
     name = lr.stem
     try:
         image = imageio.read_image(lr)
@@ -223,12 +223,15 @@ def _score_one(runner: Runner, reference: Runner, lr: Path, hr: Path | None, sca
     x = imageio.to_tensor(image.rgb)
     item = ImageParity(name, str(lr), str(hr) if hr else None, (image.height, image.width), None)
 
+    # The candidate's plan (its runtime's memory cost) tiles both sides, so only the runtime differs.
+    plan = runner.plan_tiles((image.height, image.width), tile=tile, overlap=overlap, batch_size=batch_size)
+    tiles = None if runner.fixed_shape else plan.tile
     t = time.perf_counter()
-    out = runner.upscale(x, tile=tile, overlap=overlap, batch_size=batch_size)
+    out = runner.upscale(x, tile=tiles, overlap=plan.overlap, batch_size=plan.batch_size, memory_budget=plan.budget)
     item.runtime_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    ref = reference.upscale(x, tile=None if runner.fixed_shape else tile, overlap=overlap,
-                            batch_size=batch_size, fixed_shape=runner.fixed_shape)
+    ref = reference.upscale(x, tile=None if runner.fixed_shape else (tiles or max(image.height, image.width)),
+                            overlap=plan.overlap, batch_size=plan.batch_size, fixed_shape=runner.fixed_shape)
     item.reference_seconds = time.perf_counter() - t
 
     out_c = out.clamp(0.0, 1.0)[0].permute(1, 2, 0).numpy()
@@ -259,8 +262,8 @@ def run_parity(
     dataset: str | Path,
     scale: int,
     tile: int | None = None,
-    overlap: int = 16,
-    batch_size: int = 4,
+    overlap: int | None = None,
+    batch_size: int | None = None,
     limit: int | None = None,
     threshold: Threshold | None = None,
     reference_name: str = "torch",
@@ -268,7 +271,8 @@ def run_parity(
 ) -> ParityReport:
     """Compare ``runner`` with ``reference`` on every LR image of ``dataset``.
 
-    ``threshold`` defaults to :data:`THRESHOLDS` for ``runner.precision``.
+    ``threshold`` defaults to :data:`THRESHOLDS` for ``runner.precision``; ``tile``,
+    ``overlap`` and ``batch_size`` left ``None`` are chosen by ``runner.plan_tiles``.
     Raises :class:`RunnerError` for a scale mismatch or an empty dataset.
     """
     dataset = Path(dataset)
@@ -336,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--atol", type=float, default=None, help="override the max abs error threshold")
     parser.add_argument("--min-psnr", type=float, default=None, help="override the PSNR threshold (dB)")
     parser.add_argument("--quiet", action="store_true", help="no per-image progress lines")
+    parser.set_defaults(overlap=None, batch_size=None)  # unset: chosen like upscale's (memory budget)
     return parser
 
 
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                          device=args.reference_device, precision="fp32")
         threshold = None
         if args.atol is not None or args.min_psnr is not None:
-            base = THRESHOLDS.get(runner.precision, Threshold(atol=1e-4))
+            base = THRESHOLDS.get(runner.precision, THRESHOLDS["fp32"])
             threshold = Threshold(atol=args.atol if args.atol is not None else base.atol,
                                   min_psnr=args.min_psnr if args.min_psnr is not None else base.min_psnr)
         report = run_parity(runner, reference, args.dataset, args.scale, tile=args.tile, overlap=args.overlap,

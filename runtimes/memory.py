@@ -1,0 +1,290 @@
+"""How much memory an upscale may use, and the tile size and batch that fit in it.
+
+Why: an untiled 4K picture through ONNX Runtime on the CPU needs tens of GB (each window
+attention materialises its (windows, heads, 1024, 1024) scores), and a 128x128 tile
+batched by 4 already costs about 2 GB there.  :func:`plan_tiles` therefore picks the tile
+side and the batch from a byte budget and a per-runtime cost per input pixel of one call
+(:data:`RUNTIME_COSTS`, measured), instead of a fixed default.
+
+- :func:`parse_budget` reads ``4GB`` / ``512MB`` / ``1.5GiB`` / a plain byte count.
+- :func:`default_budget` is a safe fraction of what is free now: available RAM for CPU
+  runtimes, free memory of the CUDA device for CUDA ones.
+- :func:`measure_call_peak` is how the coefficients were obtained: the peak RSS growth
+  of one model call, measured in a fresh child process (run ``python -m runtimes.memory``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["RUNTIME_COSTS", "BudgetError", "RuntimeCost", "TilePlan", "available_ram", "default_budget",
+           "format_bytes", "measure_call_peak", "parse_budget", "plan_tiles"]
+
+
+class BudgetError(ValueError):
+    """A memory budget that cannot be read, or that no tile fits in."""
+
+
+@dataclass(frozen=True)
+class RuntimeCost:
+    """Peak memory growth of one model call: ``per_call + per_pixel * input pixels of the call``.
+
+    ``per_pixel`` covers a whole batch's pixels (B * h * w); ``per_call`` is what a call
+    costs whatever its size (arenas, kernel workspaces).
+    """
+
+    per_pixel: float
+    per_call: float
+
+    def call_bytes(self, pixels: int) -> float:
+        return self.per_call + self.per_pixel * pixels
+
+
+#: Peak RSS growth per model call, by :attr:`runtimes.base.Runner.name`: least-squares
+#: lines through one fp32 call (batch 1) of 64x64, 128x128, 192x192 and 256x256 random
+#: tiles of the golden esc x4 checkpoint (dim 64, 4 heads, 32x32 windows: every ESC variant
+#: but esc_xl), each in a fresh process, VmHWM minus VmRSS before the call
+#: (``python -m runtimes.memory ARTIFACT --sides 64 128 192 256``; 2-core Xeon, torch
+#: 2.13 CPU, onnxruntime 1.32, OpenVINO 2026.4, 2026-12, other jobs running). Measured:
+#: torch 48/42/43/42 KB per pixel (its CPU sdpa with a float bias materialises the
+#: scores too), onnxruntime 33/38/44/45 KB (slightly faster than linear: the slope of the
+#: fit is used and the default budget's 50% is the margin), OpenVINO 6.4/6.2/5.9/5.7 KB.
+#: Runtimes not measured here (Core ML, TensorRT) use the largest coefficient: an
+#: over-estimate, never an under-estimate.
+RUNTIME_COSTS: dict[str, RuntimeCost] = {
+    "torch": RuntimeCost(per_pixel=41_700.0, per_call=22e6),
+    "onnxruntime": RuntimeCost(per_pixel=46_200.0, per_call=0.0),
+    "openvino": RuntimeCost(per_pixel=5_650.0, per_call=6e6),
+}
+FALLBACK_COST = max(RUNTIME_COSTS.values(), key=lambda c: c.per_pixel)
+
+#: Share of the free memory the default budget takes: the rest stays for the OS page
+#: cache, other processes and the error of the per-pixel fit.
+DEFAULT_FRACTION = 0.5
+#: Tiles per call at most: larger batches do not run faster on these runtimes, they only
+#: hold more memory.
+MAX_BATCH = 4
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(text: str) -> int:
+    """``"4GB"`` -> 4e9 bytes; also ``512MB``, ``1.5GiB``, ``800000000``; a ``BudgetError`` otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise BudgetError(f"memory budget must be a size such as 4GB, 512MB or 1.5GiB; got {text!r}")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise BudgetError(f"memory budget must be more than 0 bytes; got {text!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """``4.2e9`` -> ``'3.9 GiB'`` (binary units, as ``free -h`` shows them)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def available_ram() -> int:
+    """Bytes the kernel can give without swapping (``MemAvailable``), or total RAM where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_budget(device: str) -> tuple[int, str]:
+    """(bytes, where they come from): half the free CUDA memory of ``device``, else half the available RAM."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * DEFAULT_FRACTION), f"{DEFAULT_FRACTION:.0%} of free {device} memory"
+    return int(available_ram() * DEFAULT_FRACTION), f"{DEFAULT_FRACTION:.0%} of available RAM"
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What :func:`plan_tiles` chose and why; :meth:`describe` is the line the CLI prints.
+
+    ``tile`` is ``None`` for one call per image.  ``estimate`` is the predicted peak
+    growth in bytes; ``source`` says where the budget came from.
+    """
+
+    tile: int | None
+    overlap: int
+    batch_size: int
+    runtime: str
+    budget: int
+    estimate: float
+    source: str
+
+    def describe(self) -> str:
+        tiles = "whole image per call" if self.tile is None else f"tile {self.tile}, overlap {self.overlap}"
+        return (f"tiling: {tiles}, batch {self.batch_size} ({self.runtime}: ~{format_bytes(self.estimate)} "
+                f"of a {format_bytes(self.budget)} budget, {self.source})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tile": self.tile, "overlap": self.overlap, "batch_size": self.batch_size, "runtime": self.runtime,
+                "budget_bytes": self.budget, "estimate_bytes": int(self.estimate), "budget_source": self.source}
+
+
+def image_bytes(height: int, width: int, images: int, scale: int) -> float:
+    """Memory held for the whole upscale whatever the tiling: the float32 input, the float32
+    output and one clamped copy of it, and the 8-bit picture written from it."""
+    return images * height * width * (12 + 24 * scale * scale + 3 * scale * scale)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _windows(length: int, tile: int | None, overlap: int, align: int) -> int:
+    """How many windows the tiler places along an axis (see :mod:`runtimes.tiling`)."""
+    if tile is None or length <= tile:
+        return 1
+    stride = tile - 2 * overlap
+    stride = stride // align * align if stride >= align else stride
+    return 1 + math.ceil((length - tile) / max(stride, 1))
+
+
+def plan_tiles(size: tuple[int, int], scale: int, runtime: str, budget: int, source: str, *, images: int = 1,
+               align: int = 1, context: int = 0, tile: int | None = None, overlap: int | None = None,
+               batch_size: int | None = None, max_tile: int | None = None) -> TilePlan:
+    """Choose tile side, overlap and batch for ``images`` pictures of ``size`` (H, W) within ``budget`` bytes.
+
+    Given values win (``tile``, ``overlap``, ``batch_size``); the rest is chosen: the
+    whole image when it fits, else the largest tile on the ``align`` grid that does,
+    with ``context`` pixels of overlap (less only when the tile is too small to keep an
+    ``align``-wide core). ``max_tile`` caps the tile (a runtime's size limit). The batch is
+    as many calls as fit, at most :data:`MAX_BATCH`. Raises :class:`BudgetError` when
+    not even the smallest tile fits.
+    """
+    cost = RUNTIME_COSTS.get(runtime, FALLBACK_COST)
+    height, width = size
+    align = max(int(align), 1)
+    room = budget - image_bytes(height, width, images, scale)
+
+    def overlap_for(side: int) -> int:
+        return overlap if overlap is not None else max(min(context, (side - align) // 2), 0)
+
+    def call_pixels(side: int | None) -> int:
+        if side is None:
+            return _round_up(height, align) * _round_up(width, align)
+        return _round_up(min(side, height), align) * _round_up(min(side, width), align)
+
+    if tile is None:
+        longest = _round_up(max(height, width), align)
+        whole_fits = max_tile is None or max(height, width) <= max_tile
+        if whole_fits and cost.call_bytes(call_pixels(None)) <= room:
+            tile = None
+        else:
+            top = min(longest, (max_tile // align) * align if max_tile else longest)
+            sides = range(max(top, align), align - 1, -align)
+            tile = next((s for s in sides if cost.call_bytes(call_pixels(s)) <= room), None)
+            if tile is None:
+                need = image_bytes(height, width, images, scale) + cost.call_bytes(align * align)
+                raise BudgetError(
+                    f"a memory budget of {format_bytes(budget)} cannot hold this {width}x{height} upscale on "
+                    f"{runtime}: even {align}x{align} tiles need ~{format_bytes(need)}; raise --memory-budget "
+                    f"(or free memory), or upscale a smaller picture")
+    chosen_overlap = overlap_for(tile) if tile is not None else (overlap if overlap is not None else 0)
+    if batch_size is None:
+        per_call = cost.call_bytes(call_pixels(tile))
+        fits = int((room - cost.per_call) // max(per_call - cost.per_call, 1))
+        calls = images * _windows(height, tile, chosen_overlap, align) * _windows(width, tile, chosen_overlap, align)
+        batch_size = max(1, min(MAX_BATCH, fits, calls))
+    estimate = image_bytes(height, width, images, scale) + cost.per_call + cost.per_pixel * batch_size * call_pixels(tile)
+    return TilePlan(tile=tile, overlap=chosen_overlap, batch_size=batch_size, runtime=runtime, budget=budget,
+                    estimate=estimate, source=source)
+
+
+# ----------------------------------------------------------------------------------
+# Calibration: how RUNTIME_COSTS were measured
+# ----------------------------------------------------------------------------------
+
+_CHILD = r"""
+import json, sys, torch
+from runtimes import load
+spec = json.loads(sys.argv[1])
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key + ":"))
+
+runner = load(spec["artifact"], **spec["options"])
+x = torch.rand(spec["batch"], 3, spec["side"], spec["side"])
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset VmHWM to the current RSS: only the call's growth is measured
+before = status("VmRSS")
+runner.infer(x)
+print(json.dumps({"runtime": runner.name, "growth": status("VmHWM") - before}))
+"""
+
+
+def measure_call_peak(artifact: str, side: int, batch: int = 1, **options: Any) -> tuple[str, int]:
+    """(runtime name, peak RSS growth in bytes) of one ``batch`` x ``side`` x ``side`` call, in a fresh process.
+
+    A fresh process so that nothing earlier (other calls' arenas, the parent's tensors)
+    hides or inflates the growth. Linux only (``/proc/self/clear_refs``).
+    """
+    spec = json.dumps({"artifact": artifact, "side": side, "batch": batch, "options": options})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _CHILD, spec], capture_output=True, text=True, cwd=root,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {artifact} at {side}x{side} failed: {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["runtime"], int(result["growth"])
+
+
+def fit_cost(points: list[tuple[int, int]]) -> RuntimeCost:
+    """Least-squares line through (pixels, bytes) points: the coefficients of :class:`RuntimeCost`."""
+    n = len(points)
+    mx = sum(p for p, _ in points) / n
+    my = sum(b for _, b in points) / n
+    var = sum((p - mx) ** 2 for p, _ in points)
+    slope = sum((p - mx) * (b - my) for p, b in points) / var if var else 0.0
+    return RuntimeCost(per_pixel=slope, per_call=max(my - slope * mx, 0.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtimes.memory",
+        description="Measure the peak memory of one model call at several tile sides and fit bytes per input "
+                    "pixel (the RUNTIME_COSTS table). Each point runs in a fresh process.",
+        epilog="example:\n  python -m runtimes.memory openvino:esc_x4.onnx --sides 64 128 192",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", help="artifact as runtimes.load takes it (.onnx, openvino:X.onnx, .pth, ...)")
+    parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 192], help="tile sides to measure")
+    args = parser.parse_args(argv)
+    points, runtime = [], "?"
+    for side in args.sides:
+        runtime, growth = measure_call_peak(args.artifact, side)
+        points.append((side * side, growth))
+        print(f"{runtime} {side}x{side}: peak growth {format_bytes(growth)} ({growth / (side * side):.0f} B/px)")
+    if len(points) >= 2:
+        fitted = fit_cost(points)
+        print(f"{runtime}: per_pixel={fitted.per_pixel:.0f} B, per_call={format_bytes(fitted.per_call)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

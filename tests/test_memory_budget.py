@@ -1,0 +1,199 @@
+"""runtimes.memory and the budget-driven tiling of ``upscale``: a smaller budget gives
+smaller tiles and batches, an explicit ``--tile`` wins, a bad budget is a usage error,
+and the per-runtime coefficients are the ones the plan applies."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtimes import load
+from runtimes.base import RunnerError
+from runtimes.memory import (RUNTIME_COSTS, BudgetError, RuntimeCost, default_budget, fit_cost, image_bytes,
+                             parse_budget, plan_tiles)
+from runtimes.tiling import _plan_axis_aligned
+from runtimes.upscale import budget_arg, main
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4GB", 4 * 10**9), ("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * GIB)), ("800000000", 800_000_000),
+    (" 2 gib ", 2 * GIB), ("64k", 64_000),
+])
+def test_parse_budget(text: str, expected: int) -> None:
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "4 GB RAM", "-1GB", "0MB", "4XB", ""])
+def test_parse_budget_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(BudgetError, match="memory budget must be"):
+        parse_budget(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="memory budget must be"):
+        budget_arg(text)
+
+
+def test_default_budget_is_half_the_available_ram() -> None:
+    budget, source = default_budget("cpu")
+    assert source == "50% of available RAM" and budget > 0
+
+
+def test_a_smaller_budget_gives_smaller_tiles_then_smaller_batches() -> None:
+    cost = RUNTIME_COSTS["onnxruntime"]
+    size, scale = (1024, 768), 4
+    base = image_bytes(*size, 1, scale)
+
+    def plan(budget: float):
+        return plan_tiles(size, scale, "onnxruntime", int(budget), "test", align=32, context=96)
+
+    whole = plan(base + cost.call_bytes(1024 * 768) * 1.01)
+    assert whole.tile is None and whole.batch_size == 1 and whole.overlap == 0
+    roomy, tight = plan(base + 8 * GIB), plan(base + 2 * GIB)
+    assert roomy.tile is not None and tight.tile is not None and tight.tile < roomy.tile
+    for p in (roomy, tight):  # on the window grid; the full context unless the tile is too small for it
+        assert p.tile % 32 == 0 and p.overlap == min(96, (p.tile - 32) // 2) and p.estimate <= p.budget
+    assert roomy.overlap == 96
+    # The tightest budget that still runs: small tiles, whose overlap shrinks to keep a window's stride.
+    tiny = plan(base + cost.call_bytes(64 * 64) + 1)
+    assert tiny.tile == 64 and tiny.overlap == 16 and tiny.batch_size == 1
+    # Many small tiles: the batch grows with the room, up to MAX_BATCH.
+    batched = plan_tiles(size, scale, "onnxruntime", int(base + 4 * GIB), "test", align=32, context=96, tile=128)
+    single = plan_tiles(size, scale, "onnxruntime", int(base + cost.call_bytes(128 * 128) * 1.5), "test",
+                        align=32, context=96, tile=128)
+    assert batched.batch_size == 4 and single.batch_size == 1
+    with pytest.raises(BudgetError, match="cannot hold this 768x1024 upscale on onnxruntime"):
+        plan(base)
+
+
+def test_the_runtime_coefficient_decides_the_tile() -> None:
+    """OpenVINO holds ~8x less per pixel than ONNX Runtime (measured): same budget, larger tiles."""
+    kwargs = dict(budget=4 * GIB, source="test", align=32, context=96)
+    ov = plan_tiles((2048, 2048), 4, "openvino", **kwargs)
+    ort = plan_tiles((2048, 2048), 4, "onnxruntime", **kwargs)
+    unknown = plan_tiles((2048, 2048), 4, "coreml", **kwargs)  # not measured: the largest coefficient
+    assert ort.tile is not None and (ov.tile is None or ov.tile > ort.tile)
+    assert unknown.tile == ort.tile
+
+
+def test_explicit_values_win() -> None:
+    p = plan_tiles((1024, 1024), 4, "torch", 1 * GIB, "test", align=32, context=96, tile=200, overlap=20,
+                   batch_size=3)
+    assert (p.tile, p.overlap, p.batch_size) == (200, 20, 3)
+
+
+def test_fit_cost_recovers_a_line() -> None:
+    fitted = fit_cost([(p, int(5e6 + 3000 * p)) for p in (4096, 16384, 36864)])
+    assert fitted == pytest.approx(RuntimeCost(per_pixel=3000, per_call=5e6), rel=1e-6) or (
+        abs(fitted.per_pixel - 3000) < 1e-6 and abs(fitted.per_call - 5e6) < 1)
+
+
+def test_aligned_windows_start_on_the_grid_and_keep_their_context() -> None:
+    for length, window, overlap in [(1024, 480, 96), (300, 224, 96), (97, 64, 16), (1000, 128, 48)]:
+        spans = _plan_axis_aligned(length, window, overlap, 32)
+        assert all(s.start % 32 == 0 for s in spans)
+        assert spans[0].keep_start == 0 and spans[-1].keep_end == length
+        assert all(a.keep_end == b.keep_start for a, b in zip(spans, spans[1:]))
+        assert spans[-1].start + spans[-1].size == length and all(s.size <= window for s in spans)
+        for s in spans:  # every kept pixel has `overlap` pixels of context, except at the image edges
+            assert s.keep_start == 0 or s.keep_start - s.start >= overlap
+            assert s.keep_end == length or s.start + s.size - s.keep_end >= overlap
+    with pytest.raises(ValueError, match="leaves no 32-pixel step"):
+        _plan_axis_aligned(300, 100, 40, 32)
+
+
+# ----------------------------------------------------------------------------------
+# The runner and the CLI
+# ----------------------------------------------------------------------------------
+
+
+class Recorder(nn.Module):
+    """Nearest x2 that records each call's shape (any size runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape))
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def test_runner_upscale_follows_the_budget() -> None:
+    model = Recorder()
+    runner = load(model, scale=2)
+    x = torch.rand(1, 3, 300, 200)
+    torch.testing.assert_close(runner.upscale(x), F.interpolate(x, scale_factor=2, mode="nearest"),
+                               atol=0, rtol=0)  # nearest copies pixels: any tiling gives the same values
+    assert model.calls == [(1, 3, 300, 200)]  # default budget: the whole image in one call
+    model.calls.clear()
+    cost = RUNTIME_COSTS["torch"]
+    budget = int(image_bytes(300, 200, 1, 2) + cost.call_bytes(100 * 100))
+    plan = runner.plan_tiles((300, 200), memory_budget=budget)
+    assert plan.tile is not None and plan.tile <= 100 and plan.runtime == "torch"
+    out = runner.upscale(x, memory_budget=budget)
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=2, mode="nearest"), atol=0, rtol=0)
+    assert max(max(c[2], c[3]) for c in model.calls) == plan.tile
+    with pytest.raises(RunnerError, match="cannot hold this 200x300 upscale on torch"):
+        runner.upscale(x, memory_budget=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny_esc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ESC x2 checkpoint (8x8 windows), so the CLI runs in seconds."""
+    from models.config import ESCConfig
+    from models.loader import build
+
+    config = ESCConfig(arch="esc", scale=2, dim=16, pdim=8, kernel_size=5, n_blocks=1, conv_blocks=1,
+                       window_size=8, num_heads=1)
+    path = tmp_path_factory.mktemp("tiny") / "tiny_esc_x2.pth"
+    torch.save({"params_ema": build(config).state_dict()}, path)
+    return path
+
+
+def write_png(path: Path, h: int, w: int) -> Path:
+    from PIL import Image
+
+    pixels = (torch.rand(h, w, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def tiling_line(err: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith("tiling: "))
+
+
+def test_cli_says_what_it_chose_and_a_tight_budget_tiles(tiny_esc: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_png(tmp_path / "in.png", 200, 240)
+    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--quiet"]) == 0
+    assert tiling_line(capsys.readouterr().err).startswith("tiling: whole image per call, batch 1 (torch: ~")
+    assert main([str(src), str(tmp_path / "b.png"), "--artifact", str(tiny_esc), "--quiet",
+                 "--memory-budget", "900MB"]) == 0
+    line = tiling_line(capsys.readouterr().err)
+    tile = int(line.split("tile ")[1].split(",")[0])
+    assert tile < 240 and tile % 8 == 0 and "of a 858.3 MiB budget, memory_budget given" in line
+
+
+def test_cli_explicit_tile_wins_over_the_budget(tiny_esc: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_png(tmp_path / "in.png", 200, 240)
+    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--quiet", "--tile", "64",
+                 "--memory-budget", "100GB"]) == 0
+    assert tiling_line(capsys.readouterr().err).startswith("tiling: tile 64, overlap 28, batch 4")
+
+
+def test_cli_bad_budget_is_a_usage_error(tiny_esc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_png(tmp_path / "in.png", 20, 20)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--memory-budget", "lots"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--memory-budget: memory budget must be a size such as 4GB" in err
+    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--memory-budget", "1KB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a memory budget of 1000 B cannot hold") and "raise --memory-budget" in err
+    assert not (tmp_path / "a.png").exists()
