@@ -838,3 +838,22 @@ def test_parity_gate_fails_on_a_corrupted_artifact(golden_dir: Path, plugin_expo
     onnx.save(proto, str(broken))
     rows, ok = parity_gate(broken, reference, images, "fp32", device="cpu")
     assert not ok and "FAILED (needs max abs error <= 0.0001)" in rows[0][1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the stand-in would shadow it")
+def test_to_trt_native_attention_gate_message(golden_dir: Path, tmp_path: Path) -> None:
+    """With a TensorRT 10.13 (stand-in), --attention native prints the documented 10.14 gate and exits 2."""
+    stub = tmp_path / "stub" / "tensorrt"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(_TRT_STUB.replace('"10.99.0-stub"', '"10.13.2"'))
+    (stub / "plugin.py").write_text(_TRTP_STUB)
+    env = _clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(stub.parent), env["PYTHONPATH"]])
+    run = subprocess.run([sys.executable, str(REPO / "export" / "to_trt.py"), "--weights",
+                          str(golden_dir / "esc_light_x4_35x35_b1.pth"), "--attention", "native", "--precision",
+                          "fp32", "-o", str(tmp_path / "n.engine")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=900)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "missing: TensorRT 10.13.2 cannot parse the ONNX Attention op (opset 23)" in run.stderr
+    assert "from TensorRT 10.14" in run.stderr and "Traceback" not in run.stderr
