@@ -86,6 +86,7 @@ from runtimes.metadata import ArtifactMetadata, write_onnx_metadata
 from validation.compare import ComparisonResult, compare, threshold_for
 
 from .common import atomic_output, format_summary, human_size
+from .onnx_attention import ATTENTION_FORMS, DEFAULT_CHUNKS, rewrite_attention
 from .verify import verify_artifact
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,7 +100,7 @@ IR_VERSION = 10
 SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
 CLI_OPSETS = (18, 23)
 NATIVE_ATTENTION_OPSET = 23
-EXPORTABLE_ATTENTION = ("sdpa", "naive", "flashbias")
+EXPORTABLE_ATTENTION = ("sdpa", "naive", "flashbias", "concat")   # flashbias: ESC only; concat: RIB only
 PRECISIONS = ("fp32", "fp16")
 # Largest change simplification may make to the outputs (ONNX Runtime, before vs after).
 # Not a parity threshold (artifact vs PyTorch: validation.compare.THRESHOLDS is the one
@@ -182,13 +183,25 @@ def _check_options(opset: int, precision: str) -> None:
         raise OnnxExportError(f"precision must be fp32 or fp16, got {precision!r}")
 
 
+def default_attention_form(opset: int) -> str:
+    """``chunked`` below opset 23 (ONNX Runtime CPU holds 1/16 of the scores), ``native`` at 23.
+
+    Opset 23 keeps one ``Attention`` node per layer: the form TensorRT parses into its fused
+    attention and the ONNX standard's own op; ``attention_form="chunked"`` chunks it too.
+    """
+    return "native" if opset >= NATIVE_ATTENTION_OPSET else "chunked"
+
+
 # -- 1. prepare -----------------------------------------------------------------------------------
 def prepare_for_export(model: "ESCBase") -> "ESCBase":
     """An fp32 CPU copy of ``model``, deployed without the dense bias cache, in eval mode.
 
     The caller's model is not modified. ``flex`` and ``fused`` back-ends cannot be
     exported (FlexAttention and the Triton kernel have no ONNX form): an
-    :class:`OnnxExportError` says which to use instead.
+    :class:`OnnxExportError` says which to use instead. RIB models (ESC-RIB, SST) are
+    deployed the same way: their positional factors are dropped with the caches, so the
+    graph computes them from the small positional MLP (runtimes fold that subgraph once,
+    at load; the file stays the weights' size).
     """
     name = model.attention
     if name not in EXPORTABLE_ATTENTION:
@@ -550,6 +563,7 @@ class ExportReport:
     variant: str
     scale: int
     attention: str
+    attention_layout: str               # export.onnx_attention form: native, chunked, mha
     weights_sha256: str
     metadata: dict[str, str]
     nodes_exported: int                 # after translation and cleanup, before onnxslim
@@ -575,9 +589,12 @@ class ExportReport:
 
     def attention_form(self) -> str:
         h = self.histogram
+        if h.get("MultiHeadAttention"):
+            return f"com.microsoft MultiHeadAttention x{h['MultiHeadAttention']} (form mha)"
         if h.get("Attention"):
-            return f"native ONNX Attention x{h['Attention']} (opset {self.opset})"
-        return f"decomposed: MatMul x{h.get('MatMul', 0)} + Softmax x{h.get('Softmax', 0)}"
+            return f"native ONNX Attention x{h['Attention']} (opset {self.opset}, form {self.attention_layout})"
+        return (f"decomposed: MatMul x{h.get('MatMul', 0)} + Softmax x{h.get('Softmax', 0)} "
+                f"(form {self.attention_layout})")
 
     def summary_rows(self) -> list[tuple[str, str]]:
         top = ", ".join(f"{op} {n}" for op, n in self.histogram.most_common(10))
@@ -628,7 +645,8 @@ class ExportReport:
 def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 18, precision: str = "fp32",
                 fp32_io: bool = False, shape: Shape | str = "dynamic", batch: Batch | str | int = "dynamic",
                 simplify: bool = True, weights_sha256: str | None = None, *, trace: Trace | None = None,
-                compact_dynamic_kernel: bool = True, progress: Progress | None = None) -> ExportReport:
+                compact_dynamic_kernel: bool = True, attention_form: str | None = None,
+                attention_chunks: int = DEFAULT_CHUNKS, progress: Progress | None = None) -> ExportReport:
     """Export ``model`` to ``path`` (default ``artifacts/<variant>_x<s>_<attn>_op<opset>_<precision>.onnx``).
 
     ``shape``: ``"dynamic"`` (any height and width) or ``(H, W)`` / ``"HxW"``.
@@ -636,9 +654,15 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
     ``fp32_io``: with ``precision="fp16"``, keep float32 ``lr``/``sr`` (Casts at the
     boundary); ignored for fp32. ``trace``: a :class:`Trace` of the same model, precision,
     shape and batch (``report.trace`` of an earlier export) to skip re-tracing, e.g. to
-    write opset 18 and 23 files. Raises :class:`OnnxExportError` for bad options.
+    write opset 18 and 23 files. ``attention_form``: how attention is laid out for ONNX
+    Runtime's CPU (:mod:`export.onnx_attention`; default :func:`default_attention_form`:
+    ``chunked`` below opset 23, ``native`` at 23), ``attention_chunks`` query slices per
+    attention in the chunked form. Raises :class:`OnnxExportError` for bad options.
     """
     _check_options(opset, precision)
+    attention_form = attention_form or default_attention_form(opset)
+    if attention_form not in ATTENTION_FORMS:
+        raise OnnxExportError(f"attention form must be one of {', '.join(ATTENTION_FORMS)}, got {attention_form!r}")
     shape, batch = parse_shape(shape), parse_batch(batch)
     path = Path(path) if path is not None else default_output_path(model, opset, precision)
     seconds: dict[str, float] = {}
@@ -656,6 +680,10 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
         progress(f"translating to ONNX opset {opset}")
     start = time.perf_counter()
     proto = translate(trace, opset)
+    try:
+        rewrite_attention(proto, attention_form, attention_chunks)
+    except ValueError as exc:
+        raise OnnxExportError(f"attention form {attention_form!r}: {exc}") from None
     io_fp32 = precision == "fp32" or fp32_io
     if precision == "fp16":
         keep_fp32_math(proto)
@@ -708,7 +736,8 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
     return ExportReport(
         path=path, size_bytes=size, opset=opset, ir_version=final.ir_version, precision=precision,
         io_dtype=meta.io_dtype, shape=meta.shape, batch=meta.batch, variant=desc.variant, scale=desc.scale,
-        attention=desc.attention, weights_sha256=meta.weights_sha256, metadata=meta.to_props(),
+        attention=desc.attention, attention_layout=attention_form, weights_sha256=meta.weights_sha256,
+        metadata=meta.to_props(),
         nodes_exported=nodes_exported, nodes=len(final.graph.node), histogram=op_histogram(final),
         removed_ops=removed, added_ops=added, simplified=simplified, simplify_note=note,
         probe_shape=tuple(probe.shape), parity_before=parity_before, parity_after=parity_after,

@@ -1,4 +1,4 @@
-"""Export an ESC model to ONNX.
+"""Export an ESC, ESC-RIB or SST model to ONNX.
 
 Examples (from the repository root)::
 
@@ -7,9 +7,12 @@ Examples (from the repository root)::
     python export/to_onnx.py --weights ESC_light_X4.pth --precision fp16 --fp32-io -o esc_light_fp16.onnx
     python export/to_onnx.py --weights ESC_FP_X2.pth --shape 320x240 --batch 1             # 320 wide, 240 tall
     python -m export.to_onnx --model esc_fp --scale 2                          # random weights (warned)
+    python export/to_onnx.py --weights ESCRIB_DFLIP_X4.pth --opset 23            # ESC-RIB: mask-free Attention
+    python export/to_onnx.py --model sst --weights SST_DF2K_X4.pth --opset 23     # SST (window sizes from --model)
 
-Defaults: dynamic batch, height and width; opset 18 (attention as MatMul/Softmax; opset 23
-gives one native ONNX ``Attention`` node per block); fp32; simplified with onnxslim under a
+Defaults: dynamic batch, height and width; opset 18 (attention as MatMul/Softmax, split into
+16 query slices so ONNX Runtime holds 1/16 of the scores; opset 23 gives one native ONNX
+``Attention`` node per attention layer); fp32; simplified with onnxslim under a
 parity check; output ``artifacts/<variant>_x<scale>_<attention>_op<opset>_<precision>.onnx``.
 The file carries ``esc.*`` metadata (scale, window, precision, weights hash...) that the
 runners read. See :mod:`export.onnx_export` for how the export works.
@@ -31,13 +34,14 @@ from export import onnx_export as ox  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="to_onnx", description="Export an ESC super-resolution model to ONNX.",
+        prog="to_onnx", description="Export an ESC, ESC-RIB or SST super-resolution model to ONNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     common.add_common_args(
         p, output_help="output .onnx (default artifacts/<variant>_x<scale>_<attention>_op<opset>_<precision>.onnx)")
     p.add_argument("--attention", choices=(*ox.EXPORTABLE_ATTENTION, "plugin"), default="sdpa",
-                   help="attention back-end to export (default sdpa; flashbias is a low-rank approximation; "
-                        "plugin: one esc::window_attention node per block, for TensorRT, see export/plugin_onnx.py)")
+                   help="attention back-end to export (default sdpa; ESC only: flashbias, a low-rank approximation, "
+                        "and plugin, one esc::window_attention node per block for TensorRT, see export/plugin_onnx.py; "
+                        "ESC-RIB/SST only: concat, the factor-extended q k^T written out)")
     p.add_argument("--flashbias-rank", type=int, default=None, help="flashbias: rank of the bias factors")
     p.add_argument("--flashbias-energy", type=float, default=None,
                    help="flashbias: share of the bias's energy to keep when no rank is given (default 0.999)")
@@ -49,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="dynamic",
                    help="'dynamic' (default) or a fixed input size WIDTHxHEIGHT, e.g. 160x120 (160 wide, 120 tall)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
+    p.add_argument("--attention-form", choices=ox.ATTENTION_FORMS, default=None,
+                   help="attention layout for ONNX Runtime CPU (default: chunked below opset 23, native at 23). "
+                        "chunked: each attention split into query slices (1/16 of the score memory, same numbers); "
+                        "native: as translated (opset 23: one Attention node per layer, what TensorRT parses); "
+                        "mha: com.microsoft.MultiHeadAttention (opset 23)")
+    p.add_argument("--attention-chunks", type=int, default=ox.DEFAULT_CHUNKS,
+                   help=f"query slices per attention in the chunked form (a divisor of window^2; default "
+                        f"{ox.DEFAULT_CHUNKS})")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--exact-dynamic-kernel", action="store_true",
                    help="export the dynamic 3x3 kernel as nine Slice/Mul/Add (slower export, same numbers)")
@@ -95,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)   # a refused simplification is printed below
         report = ox.export_onnx(model, output, opset=args.opset, precision=args.precision, fp32_io=args.fp32_io,
                                 shape=shape, batch=batch, simplify=not args.no_simplify, weights_sha256=sha,
-                                compact_dynamic_kernel=not args.exact_dynamic_kernel, progress=progress)
+                                compact_dynamic_kernel=not args.exact_dynamic_kernel,
+                                attention_form=args.attention_form, attention_chunks=args.attention_chunks,
+                                progress=progress)
     if not args.no_simplify and not report.simplified:
         print(f"error: {report.simplify_note}", file=sys.stderr)
     common.print_summary("ONNX export", report.summary_rows())

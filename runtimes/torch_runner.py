@@ -1,4 +1,4 @@
-"""Run an ESC checkpoint (or any upscaling ``nn.Module``) in PyTorch eager mode.
+"""Run an ESC or RIB-family checkpoint (or any upscaling ``nn.Module``) in PyTorch eager mode.
 
 Accepted artifacts: a ``.pth`` / ``.pt`` / ``.safetensors`` checkpoint (read strictly by
 :func:`models.load_model`), ``official:NAME`` (downloaded once), ``torch:PATH`` (the same,
@@ -46,17 +46,22 @@ class TorchRunner(Runner):
     """PyTorch eager execution of an ESC model.
 
     Options (through :func:`runtimes.base.load` or the constructor):
-        attention: attention back-end for ESC models (``sdpa``, ``naive``, ``flex``,
-            ``fused``, ...; see :mod:`models.attention`).  Default ``sdpa``.
+        attention: attention back-end (ESC: ``sdpa``, ``naive``, ``flex``, ``fused``, ...,
+            see :mod:`models.attention`; ESC-RIB/SST: ``sdpa``, ``naive``, ``concat``, see
+            :mod:`models.rib.backends`).  Default ``sdpa``.
         precision: ``fp32`` (default) or ``fp16`` (CUDA only).
         threads: ``torch.set_num_threads`` value (process-wide in PyTorch).
         scale: required only for a plain ``nn.Module`` without an ESC descriptor.
         deploy: apply the exact deploy-time folds when loading a checkpoint (default
             True; modules passed in are used as they are).
+        variant: the published variant a checkpoint holds, where its weights and file
+            name cannot tell: RIB windows are not stored, so SST weights in a file named
+            without ``plus`` need ``variant="sst"`` or ``"sst_plus"`` (the loader refuses
+            to guess and names both).
     """
 
     name = "torch"
-    options = ("attention", "precision", "threads", "scale", "deploy")
+    options = ("attention", "precision", "threads", "scale", "deploy", "variant")
 
     def __init__(
         self,
@@ -67,6 +72,7 @@ class TorchRunner(Runner):
         threads: int | None = None,
         scale: int | None = None,
         deploy: bool = True,
+        variant: str | None = None,
     ) -> None:
         if precision not in _DTYPES:
             raise RunnerError(f"precision must be one of {', '.join(_DTYPES)}, not {precision!r}")
@@ -88,6 +94,8 @@ class TorchRunner(Runner):
             model = artifact
             if precision != "fp32" or dev.type != "cpu" or attention is not None:
                 model = copy.deepcopy(model)  # never change the caller's module in place
+            if variant is not None:
+                raise RunnerError("variant= applies to checkpoint files; a module in memory is already built")
             if attention is not None:
                 if not hasattr(model, "set_attention"):
                     raise RunnerError(f"{type(model).__name__} has no attention back-ends to choose from")
@@ -96,7 +104,7 @@ class TorchRunner(Runner):
             from models import load_model
 
             self.artifact = os.fspath(artifact)
-            model = load_model(self.artifact, attention=attention or "sdpa", deploy=deploy)
+            model = load_model(self.artifact, attention=attention or "sdpa", deploy=deploy, variant=variant)
         self.model = model.to(device=dev, dtype=self.dtype).eval()
 
         descriptor = getattr(self.model, "descriptor", None)

@@ -1,0 +1,148 @@
+"""ONNX export of the RIB family (ESC-RIB, SST) through the ESC export path.
+
+The golden checkpoints (``../shared/golden_rib``) of esc_rib x4 and sst x4 are exported at
+opset 18 (decomposed attention) and opset 23 (one native ``Attention`` per attention
+layer, no mask: the positional factors are concatenated to q and k) from one trace each,
+and run in ONNX Runtime CPU against the PyTorch model in fp32, within 1e-4.
+
+CI time: esc_rib (5 attention layers) is exported with dynamic shapes and checked at its
+golden input (also against the golden ``sr``) and at sizes the trace never saw. SST has 36
+attention layers and 12M parameters; a dynamic trace of it took 20 minutes on this shared
+2-core machine, so it is exported at one small fixed shape (the graph is the same, only
+specialised), which takes a fraction of that.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import onnx_export as ox
+from runtimes.onnx_runner import make_session
+
+ATOL = 1e-4             # ONNX Runtime vs PyTorch fp32, and vs the golden sr (the one fp32 threshold)
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden_rib"
+CASES = {c["name"]: c for c in json.loads((GOLDEN / "index.json").read_text())} if (GOLDEN / "index.json").exists() else {}
+ESC_RIB = "esc_rib_x4_45x70_b1"
+SST = "sst_x4_40x52_b1"
+SST_SHAPE = (20, 28)    # (H, W): pads every window size (16, 32, 64); two 16-windows wide
+EXPORTS = {ESC_RIB: {"shape": "dynamic", "variant": None}, SST: {"shape": SST_SHAPE, "variant": "sst"}}
+
+pytestmark = pytest.mark.skipif(not all(name in CASES for name in EXPORTS),
+                                reason=f"missing shared data: {GOLDEN / 'index.json'} with {', '.join(EXPORTS)}")
+
+
+class RibExports:
+    """Each (case, opset) exported once; opset 18 and 23 share the case's trace."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.models: dict[str, torch.nn.Module] = {}
+        self.reports: dict[tuple[str, int], ox.ExportReport] = {}
+
+    def model(self, name: str) -> torch.nn.Module:
+        from models import load_model
+
+        if name not in self.models:
+            self.models[name] = load_model(GOLDEN / f"{name}.pth", variant=EXPORTS[name]["variant"])
+        return self.models[name]
+
+    def report(self, name: str, opset: int) -> ox.ExportReport:
+        if (name, opset) not in self.reports:
+            previous = next((r for (n, _), r in self.reports.items() if n == name), None)
+            self.reports[(name, opset)] = ox.export_onnx(
+                self.model(name), self.out_dir / f"{name}_op{opset}.onnx", opset=opset,
+                shape=EXPORTS[name]["shape"], batch="dynamic" if EXPORTS[name]["shape"] == "dynamic" else 1,
+                trace=previous.trace if previous is not None else None)
+        return self.reports[(name, opset)]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> RibExports:
+    return RibExports(tmp_path_factory.mktemp("rib_onnx"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """Traces and ONNX Runtime on at most 2 threads: the CI machine has 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
+def _max_abs(a: np.ndarray, b: torch.Tensor) -> float:
+    assert a.shape == tuple(b.shape), (a.shape, tuple(b.shape))
+    return float(np.abs(a - b.numpy()).max())
+
+
+def _inputs(name: str) -> list[torch.Tensor]:
+    """The golden input (dynamic export) or one at the fixed shape, plus sizes the trace never saw."""
+    gen = torch.Generator().manual_seed(5)
+    if EXPORTS[name]["shape"] == "dynamic":
+        io = torch.load(GOLDEN / f"{name}.io.pt", weights_only=True)
+        return [io["lr"], torch.rand(2, 3, 9, 70, generator=gen), torch.rand(1, 3, 1, 1, generator=gen)]
+    return [torch.rand(1, 3, *SST_SHAPE, generator=gen)]
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("name", [ESC_RIB, SST])
+def test_parity_with_pytorch(exports: RibExports, name: str, opset: int) -> None:
+    report = exports.report(name, opset)
+    model = exports.model(name)
+    session = make_session(report.path)
+    for x in _inputs(name):
+        with torch.no_grad():
+            ref = model(x)
+        err = _max_abs(ox.run_onnx(session, x), ref)
+        print(f"\n{name} opset {opset} {tuple(x.shape)}: max abs {err:.2e} vs PyTorch fp32")
+        assert err <= ATOL, (tuple(x.shape), err)
+    assert report.verified is not None and report.verified.passed and report.parity <= ATOL
+    if EXPORTS[name]["shape"] == "dynamic":   # the golden input: the upstream code's fp32 output too
+        io = torch.load(GOLDEN / f"{name}.io.pt", weights_only=True)
+        assert _max_abs(ox.run_onnx(session, io["lr"]), io["sr"]) <= ATOL
+
+
+@pytest.mark.parametrize("name", [ESC_RIB, SST])
+def test_attention_form(exports: RibExports, name: str) -> None:
+    """Opset 23: one native Attention per attention layer, three inputs (no mask), ``lr`` the only input."""
+    layers = len(exports.model(name).attention_modules())
+    assert layers == (5 if name == ESC_RIB else 36)
+    op23 = onnx.load(str(exports.report(name, 23).path))
+    attention = [n for n in op23.graph.node if n.op_type == "Attention"]
+    assert len(attention) == layers, ox.op_histogram(op23)
+    assert all(len([i for i in n.input if i]) == 3 for n in attention), [list(n.input) for n in attention]
+    assert "Softmax" not in ox.op_histogram(op23)
+    assert [i.name for i in op23.graph.input] == ["lr"]
+
+    op18 = ox.op_histogram(onnx.load(str(exports.report(name, 18).path)))   # default form: chunked
+    assert op18["Softmax"] == layers * ox.DEFAULT_CHUNKS and "Attention" not in op18, op18
+
+
+def test_metadata_and_size(exports: RibExports) -> None:
+    """RIB descriptors reach the file: largest window and input multiple 64; the positional
+    MLP stays in the graph (file about the weights' size, not the 10 MB of folded factors)."""
+    report = exports.report(ESC_RIB, 23)
+    meta = {p.key: p.value for p in onnx.load(str(report.path)).metadata_props}
+    assert {k: meta[k] for k in ("esc.variant", "esc.arch", "esc.scale", "esc.window_size", "esc.input_multiple",
+                                 "esc.attention", "esc.opset")} == {
+        "esc.variant": "esc_rib", "esc.arch": "esc_rib", "esc.scale": "4", "esc.window_size": "64",
+        "esc.input_multiple": "64", "esc.attention": "sdpa", "esc.opset": "23"}
+    params = CASES[ESC_RIB]["params"]
+    assert report.size_bytes < params * 4 * 1.05 + (1 << 20), report.size_bytes
+
+
+def test_rib_only_backends_export_and_esc_only_ones_are_refused() -> None:
+    """``concat`` (RIB) is exportable; ESC's ``flashbias`` on a RIB model is a clear error."""
+    from models import create_model
+    from models.errors import AttentionBackendError
+
+    with pytest.warns(UserWarning):
+        model = create_model("esc_rib", 2, attention="concat")
+    assert ox.prepare_for_export(model).attention == "concat"
+    with pytest.raises(AttentionBackendError, match="does not apply to RIB models"):
+        model.set_attention("flashbias")
