@@ -100,6 +100,10 @@ def test_ane_form_refuses_what_it_cannot_do():
                                  window_size=8, num_heads=2, exp_ratio=2.0, use_lns=True)))
     with pytest.raises(ModelOptionError, match="query_chunk"):
         ane_form(copy.deepcopy(_tiny()), query_chunk=0)
+    from models.loader import create_model
+
+    with pytest.raises(ModelOptionError, match="972 MiB in fp16"):  # ESC-XL: 8 blocks x 12 heads x 2304^2 x 2 B
+        ane_form(create_model("esc_xl", 4))
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ __all__ = ["AneModel", "ane_form", "ANE_ARCHS"]
 
 #: Architectures whose tail has a rank-4 ANE form.
 ANE_ARCHS = ("esc", "esc_fp")
+#: The dense bias constants of all blocks together, in fp16, may not exceed this: ESC holds
+#: 40 MiB (5 blocks x 4 heads x 1024^2), ESC-XL's 48x48 windows would need 972 MiB.
+ANE_BIAS_LIMIT_BYTES = 256 * 2**20
 
 
 class AneModel(nn.Module):
@@ -66,6 +69,11 @@ def ane_form(model: nn.Module, query_chunk: int | None = None) -> AneModel:
     if not hasattr(model, "attention_modules") or not hasattr(model, "deploy"):
         raise ModelOptionError(f"{type(model).__name__} is not an ESC model: no ANE form")
     wrapped = AneModel(model)
+    bias_bytes = sum(2 * attn.heads * attn.window ** 4 for attn in model.attention_modules())
+    if bias_bytes > ANE_BIAS_LIMIT_BYTES:
+        raise ModelOptionError(
+            f"the ANE form stores every block's dense attention bias: {bias_bytes / 2**20:.0f} MiB in fp16 for this "
+            f"model (limit {ANE_BIAS_LIMIT_BYTES // 2**20} MiB); export it with the compat form instead")
     model.deploy(precompute_bias=False)
     for attn in model.attention_modules():
         tokens = attn.window * attn.window
