@@ -22,8 +22,8 @@ import platform
 import re
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -164,28 +164,65 @@ def count_flops(model, x) -> float | None:
     return counter.get_total_flops() / 1e9
 
 
-def onnx_path_for(spec: dict[str, Any]) -> Path:
+def onnx_precision(runtime: str, precision: str) -> str:
+    """Which ONNX file a row runs: OpenVINO lowers fp32 graphs itself (INFERENCE_PRECISION_HINT),
+    int8 rows run the quantised file, ONNX Runtime fp16 runs an fp16 graph."""
+    if precision == "int8":
+        return "int8"
+    if runtime == "openvino":
+        return "fp32"
+    return precision
+
+
+def onnx_path_for(spec: dict[str, Any], precision: str | None = None) -> Path:
+    """The cached fixed-shape ONNX file of this row (or of ``precision`` for the same model)."""
     cache = Path(spec["cache_dir"])
     w, h = spec["input_wh"]
-    return cache / f"{spec['model']}_x{spec['scale']}_{h}x{w}_{spec['precision']}_op18.onnx"
+    kind = precision or onnx_precision(spec["runtime"], spec["precision"])
+    return cache / f"{spec['model']}_x{spec['scale']}_{h}x{w}_{kind}_op18.onnx"
 
 
 def ensure_onnx(spec: dict[str, Any], model) -> Path:
-    """Export (once, cached) the model to a fixed-shape ONNX file with export.onnx_export."""
-    path = onnx_path_for(spec)
+    """The row's ONNX file, made once and cached: fp32 first, then the int8 or fp16 file from it.
+
+    int8 is quantised from the fp32 file, calibrated on the real pictures of
+    ``spec["data_dir"]`` (see :mod:`benchmarks.quality`).
+    """
+    fp32 = _export_onnx(spec, model, "fp32")
+    kind = onnx_precision(spec["runtime"], spec["precision"])
+    if kind == "fp32":
+        return fp32
+    path = onnx_path_for(spec, kind)
     if path.is_file():
         return path
-    try:
-        from export.onnx_export import export_onnx
-    except ImportError as exc:
-        raise RuntimeError(f"export.onnx_export is not importable ({exc})") from exc
+    if kind == "int8":
+        from benchmarks.quality import CALIBRATION_SUBDIR, load_inputs, quantize_int8
+
+        w, h = spec["input_wh"]
+        pictures = load_inputs(Path(spec["data_dir"]) / CALIBRATION_SUBDIR, h, w)
+        return quantize_int8(fp32, path, pictures)
+    return _export_onnx(spec, model, kind)
+
+
+def _export_onnx(spec: dict[str, Any], model, precision: str) -> Path:
+    """Export (once, cached) ``model`` at ``precision`` to a fixed-shape ONNX file with export.onnx_export."""
+    path = onnx_path_for(spec, precision)
+    if path.is_file():
+        return path
+    if model is None:
+        raise RuntimeError(f"{path.name} is missing and no model was built to export it")
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = spec["input_wh"]
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_onnx(model, tmp, opset=18, precision=spec["precision"], shape=f"{h}x{w}", batch=1)
+            if spec.get("family") == "peer":
+                _export_peer_onnx(model, tmp, precision, h, w)
+            else:
+                from export.onnx_export import export_onnx
+
+                export_onnx(model, tmp, opset=18, precision=precision, shape=f"{h}x{w}", batch=1)
         data = tmp.with_name(tmp.name + ".data")
         if data.exists():  # external weights: keep the file next to the renamed graph working
             return tmp
@@ -195,6 +232,19 @@ def ensure_onnx(spec: dict[str, Any], model) -> Path:
             leftover.unlink(missing_ok=True)
         raise
     return path
+
+
+def _export_peer_onnx(model, path: Path, precision: str, h: int, w: int) -> None:
+    """A peer (no ESC descriptor, so not export.onnx_export's job): torch.onnx's dynamo exporter at
+    opset 18, one fixed shape, weights inside the file. The ONNX Runtime / OpenVINO row that runs
+    the file is the check that it works."""
+    import torch
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    net = model.to(dtype)
+    program = torch.onnx.export(net, (torch.rand(1, 3, h, w, dtype=dtype),), dynamo=True, opset_version=18,
+                                input_names=["lr"], output_names=["sr"], verbose=False)
+    program.save(str(path), external_data=False)
 
 
 def _sync(torch, device: str) -> None:
@@ -285,7 +335,8 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         if precision == "fp16" and not device.startswith("cuda"):
             raise RuntimeError("fp16 needs CUDA for PyTorch (CPU half convolutions are missing or slow)")
         net = model.to(device=device, dtype=dtype)
-        compiled = torch.compile(net)
+        # One static shape: compiled once here; the timed calls must hit that graph (checked below).
+        compiled = torch.compile(net, dynamic=False)
         xin = x.to(dtype)
         out["runtime_version"] = f"{torch.__version__} inductor"
 
@@ -297,6 +348,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
             call()  # compiles
         _sync(torch, device)
         out["compile_s"] = round(time.perf_counter() - t0, 2)
+        compiles_before = _compiled_frames(torch)
     elif runtime in ("onnxruntime", "openvino"):
         path = ensure_onnx(spec, model)
         out["onnx_file"] = os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
@@ -311,7 +363,8 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             import openvino as ov
 
-            runner = load(f"openvino:{path}", device="cpu", precision=precision)
+            # int8: the QDQ graph carries its own precision; its float parts stay f32.
+            runner = load(f"openvino:{path}", device="cpu", precision="fp32" if precision == "int8" else precision)
             out["runtime_version"] = ov.__version__
         close = runner.close
 
@@ -367,6 +420,10 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
             out["memory_kind"] = "not measured (outside PyTorch's allocator)"
     else:
         out["peak_memory_mb"], out["memory_kind"] = mem.stop()
+    if runtime == "torch_compile":
+        out["recompiles_while_timed"] = _compiled_frames(torch) - compiles_before
+    if precision != "fp32" and runtime in ONNX_RUNTIMES:
+        out.update(_cost_vs_fp32(spec, lambda picture: runner.infer(torch.from_numpy(picture))))
     if close is not None:
         close()
     out["latency_median_ms"] = statistics.median(times)
@@ -375,6 +432,41 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     out["status"] = "ok"
     out["reason"] = ""
     return out
+
+
+def _compiled_frames(torch) -> int:
+    """Frames dynamo has compiled so far in this process (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _cost_vs_fp32(spec: dict[str, Any], infer) -> dict[str, Any]:
+    """PSNR / max error of this row's output against the fp32 ONNX file's (ONNX Runtime) on a
+    Set5 x4 picture at the row's input shape; a missing picture folder is reported, not fatal."""
+    import numpy as np
+    import torch
+
+    from benchmarks.quality import (
+        EVALUATION_SUBDIR,
+        QualityDataError,
+        cost_vs_fp32,
+        load_inputs,
+    )
+    from runtimes.base import load
+
+    w, h = spec["input_wh"]
+    try:
+        picture = load_inputs(Path(spec["data_dir"]) / EVALUATION_SUBDIR, h, w, limit=1)[0]
+    except QualityDataError as exc:
+        return {"parity": f"not measured: {exc}"}
+    candidate = np.asarray(infer(picture))
+    reference_runner = load(onnx_path_for(spec, "fp32"), device="cpu")
+    try:
+        reference = np.asarray(reference_runner.infer(torch.from_numpy(picture)))
+    finally:
+        reference_runner.close()
+    return cost_vs_fp32(reference, candidate, spec["precision"])
 
 
 class _Skip(Exception):
@@ -397,7 +489,29 @@ def worker_main(spec_path: str) -> int:
     return 0
 
 
-def machine_info(device: str) -> dict[str, Any]:
+def matmul_rate_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """Best-of-``repeat`` rate of one fp32 n x n x n matmul on this machine's threads (GFLOP/s, 2 per FMA).
+
+    The compute floor of a benchmark row is its model FLOPs at this rate: measured in the
+    same run as the rows, so a busy or throttled machine lowers both alike. (PyTorch's bf16
+    matmul on a CPU without AMX is far slower than fp32, so it is no floor for anything.)
+    """
+    import torch
+
+    a = torch.rand(n, n, generator=torch.Generator().manual_seed(0))
+    b = torch.rand(n, n, generator=torch.Generator().manual_seed(1))
+    best = float("inf")
+    with torch.inference_mode():
+        a @ b
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def machine_info(device: str, weights: str = "random") -> dict[str, Any]:
+    """What a results file must say to be merged with others (:mod:`benchmarks.table`)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -409,6 +523,8 @@ def machine_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "hostname": platform.node(),
+        "machine": platform.node(),
+        "weights": weights,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu,
@@ -426,6 +542,7 @@ def machine_info(device: str) -> dict[str, Any]:
 
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
+    info["device_name"] = info.get("gpu") or f"{cpu} ({info['cpu_affinity'] or info['cpu_count']} cores)"
     return info
 
 
@@ -438,9 +555,9 @@ def device_name(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
 
 
-def probe_spandrel() -> str | None:
-    """None if spandrel imports in a fresh interpreter, else the error's last line."""
-    proc = subprocess.run([sys.executable, "-c", "import spandrel"], capture_output=True, text=True,
+def probe_spandrel(python: str | None = None) -> str | None:
+    """None if spandrel imports in a fresh ``python`` (default: this one), else the error's last line."""
+    proc = subprocess.run([python or sys.executable, "-c", "import spandrel"], capture_output=True, text=True,
                           cwd=ROOT, env=_child_env())
     if proc.returncode == 0:
         return None
@@ -472,6 +589,13 @@ def runtime_unavailable(runtime: str, device: str, precision: str) -> str | None
         return "onnxruntime is not installed"
     if precision == "fp16" and runtime in ("torch", "torch_compile") and not device.startswith("cuda"):
         return "fp16 needs CUDA for PyTorch (CPU half-precision convolutions are missing or much slower)"
+    if precision == "bf16" and runtime in ("torch", "torch_compile") and not device.startswith("cuda"):
+        return ("PyTorch bf16 on this CPU (AVX-512 bf16, no AMX) is slower than fp32: a 16-channel 13x13 "
+                "convolution at 128x128 measured 7x (channels-last) to 60x (NCHW) slower in oneDNN")
+    if precision == "bf16" and runtime == "onnxruntime":
+        return "ONNX Runtime's CPU execution provider has no bf16 Conv/MatMul kernels on x86 (OpenVINO's row is the bf16 one)"
+    if precision == "int8" and runtime not in ONNX_RUNTIMES:
+        return "int8 is post-training quantisation of the ONNX file: ONNX Runtime and OpenVINO rows only"
     return None
 
 
@@ -482,12 +606,13 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_child(spec: dict[str, Any], timeout: float, python: str | None = None) -> dict[str, Any]:
+    """Measure one row in a fresh ``python`` (default: this interpreter) and return its result."""
     with tempfile.TemporaryDirectory(prefix="escbench-") as tmp:
         spec = dict(spec, result_path=str(Path(tmp) / "result.json"))
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "benchmarks.measure", str(spec_path)]
+        cmd = [python or sys.executable, "-m", "benchmarks.measure", str(spec_path)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_child_env())
         except subprocess.TimeoutExpired:

@@ -11,22 +11,59 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from runtimes.metadata import write_text_atomic
 
 COLUMNS = (
     "model", "family", "runtime", "precision", "device", "scale", "input_size", "output_size",
     "params", "flops_g", "latency_median_ms", "latency_p10_ms", "latency_p90_ms", "peak_memory_mb",
-    "memory_kind", "setup_s", "export_s", "compile_s", "warmup", "repeat", "status", "reason", "runtime_version",
+    "achieved_gflops", "floor_ratio", "memory_bytes_per_input_pixel", "psnr_vs_fp32_db", "max_abs_vs_fp32",
+    "parity", "weights", "recompiles_while_timed", "memory_kind", "setup_s", "export_s", "compile_s", "warmup", "repeat", "status", "reason", "runtime_version",
     "torch_version", "onnxruntime_version", "openvino_version", "threads", "timestamp",
 )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+#: The peer the ESC ratios are taken against (the papers' usual light transformer).
+RATIO_BASELINE = "swinir_light"
+
+
+def add_roofline(row: dict[str, Any], matmul_gflops: float | None) -> None:
+    """Add achieved GFLOP/s, the ratio to the compute floor and memory per input pixel to an ok row.
+
+    ``floor_ratio`` = latency / (model FLOPs at the machine's matmul rate): how many times
+    slower than a model made of one big matmul would run. Missing inputs give no field
+    rather than a guess.
+    """
+    latency, flops = row.get("latency_median_ms"), row.get("flops_g")
+    if row.get("status") != "ok" or not latency:
+        return
+    if flops:
+        row["achieved_gflops"] = round(flops / (latency / 1000.0), 1)
+        if matmul_gflops:
+            row["floor_ratio"] = round(latency / (flops / matmul_gflops * 1000.0), 2)
+    size, memory = str(row.get("input_size", "")), row.get("peak_memory_mb")
+    if memory is not None and "x" in size:
+        w, h = (int(v) for v in size.split("x"))
+        row["memory_bytes_per_input_pixel"] = round(memory * 2**20 / (w * h), 1)
+
+
+def peer_ratios(rows: list[dict[str, Any]], baseline: str = RATIO_BASELINE) -> list[str]:
+    """Markdown lines: each ESC model's latency and memory over ``baseline``'s, per runtime and precision."""
+    ok = {(r["model"], r["runtime"], r["precision"]): r for r in rows if r.get("status") == "ok"}
+    lines = []
+    for (model, runtime, precision), row in ok.items():
+        base = ok.get((baseline, runtime, precision))
+        if row.get("family") != "esc" or base is None:
+            continue
+        lat = row["latency_median_ms"] / base["latency_median_ms"]
+        mem = (f"{row['peak_memory_mb'] / base['peak_memory_mb']:.2f}x"
+               if row.get("peak_memory_mb") and base.get("peak_memory_mb") else "-")
+        lines.append(f"| {model} / {baseline} | {runtime} | {precision} | {lat:.2f}x | {mem} |")
+    if not lines:
+        return []
+    return ["| ratio | runtime | precision | latency | memory |", "|---|---|---|---:|---:|", *lines]
 
 
 def fmt_num(value: Any, digits: int = 1) -> str:
@@ -50,12 +87,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
-    _atomic_write(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | params | FLOPs (G) | runtime | precision | latency ms | memory MB |",
-             "|---|---:|---:|---|---|---:|---:|"]
+    lines = [("| model | params | FLOPs (G) | runtime | precision | latency ms | memory MB | GFLOP/s | x floor "
+              "| B / input px | PSNR vs fp32 |"),
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     notes: list[str] = []
     for row in rows:
         if row.get("status") == "ok":
@@ -68,8 +106,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             if note not in notes:  # one footnote per distinct reason
                 notes.append(note)
             lat, mem = f"{label}[^{notes.index(note) + 1}]", "-"
+        quality = fmt_num(row.get("psnr_vs_fp32_db"), 1)
+        if quality != "-" and row.get("parity", "pass") != "pass":
+            quality += " (" + ("no threshold" if row["parity"] == "no threshold" else "fails its threshold") + ")"
         lines.append(f"| {row['model']} | {fmt_params(row.get('params'))} | {fmt_num(row.get('flops_g'))} | "
-                     f"{row['runtime']} | {row['precision']} | {lat} | {mem} |")
+                     f"{row['runtime']} | {row['precision']} | {lat} | {mem} | {fmt_num(row.get('achieved_gflops'))} | "
+                     f"{fmt_num(row.get('floor_ratio'), 2)} | {fmt_num(row.get('memory_bytes_per_input_pixel'), 0)} | "
+                     f"{quality} |")
     if notes:
         lines.append("")
         lines.extend(f"[^{i}]: {text}" for i, text in enumerate(notes, 1))
@@ -88,12 +131,21 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         f"repeat {cfg.get('repeat')}; latency is the median (p10–p90); memory is "
         + ("peak allocated by PyTorch." if str(info["device"]).startswith("cuda")
            else "peak RSS growth over the process after setup."),
-        f"FLOPs: torch.utils.flop_counter (a multiply-add = 2 FLOPs). Random weights. {info['date']}.",
+        (f"FLOPs: torch.utils.flop_counter (a multiply-add = 2 FLOPs). Weights: {info.get('weights', '?')}. "
+         f"{info['date']}."),
         "",
         f"Versions: {versions}.",
         "",
     ]
-    _atomic_write(path, "\n".join(head) + "\n" + markdown_table(data["rows"]) + "\n")
+    rates = info.get("matmul_gflops")
+    if rates:
+        head += [(f"Compute floor: model FLOPs at this run's 2048x2048 fp32 matmul rate ({rates.get('fp32')} GFLOP/s); "
+                  "`x floor` = latency / floor (every precision against the fp32 rate). PSNR vs fp32: the row's "
+                  "output against the fp32 ONNX file's on a Set5 x4 picture."), ""]
+    ratios = peer_ratios(data["rows"])
+    tail = ["", f"ESC / {RATIO_BASELINE} (same runtime and precision):", "", *ratios] if ratios else []
+    write_text_atomic(path, "\n".join(head) + "\n" + markdown_table(data["rows"]) + "\n"
+                      + ("\n".join(tail) + "\n" if tail else ""))
 
 
 def write_plots(rows: list[dict[str, Any]], out: Path, title: str) -> list[str]:
@@ -158,7 +210,7 @@ def write_plots(rows: list[dict[str, Any]], out: Path, title: str) -> list[str]:
 
 
 def write_outputs(data: dict[str, Any], out: Path, plots: bool) -> None:
-    _atomic_write(out / "results.json", json.dumps(data, indent=1, default=str) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(data, indent=1, default=str) + "\n")
     write_csv(data["rows"], out / "results.csv")
     write_markdown(data, out / "results.md")
     if plots:

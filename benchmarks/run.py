@@ -3,6 +3,10 @@
     python benchmarks/run.py --models esc,esc_light,esc_fp --peers swinir_light,omnisr,span \\
         --runtimes torch,torch_compile,onnxruntime,openvino --scale 4 --output-size 1280x720
 
+    # CPU, with peers from a second environment (torch + torchvision that match, spandrel):
+    python benchmarks/run.py --peers swinir_light,omnisr,span --peer-python /work/peer-venv/bin/python \\
+        --precision fp32,bf16,int8 --output-size 512x512
+
 Every (model, runtime, precision) row is measured in its own child process, so one
 row's allocations, compiled kernels or thread pools never leak into the next.  A row
 records params, FLOPs (torch.utils.flop_counter at that input, counted once per model
@@ -19,6 +23,22 @@ Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed calls (weight
 included; runtimes outside PyTorch's allocator are not measured); on the CPU the child's
 peak RSS growth during the calls over its RSS after setup (VmHWM reset through
 /proc/self/clear_refs).
+
+Roofline: before the rows the parent times a 2048x2048 fp32 matmul (and bf16); each row
+reports achieved GFLOP/s (model FLOPs / latency), ``x floor`` (latency over the compute
+floor, model FLOPs at that fp32 matmul rate: 1.0 would be a model running as fast as a big
+matmul) and bytes of peak memory per input pixel.
+
+Precisions: fp32; fp16 and bf16 (OpenVINO lowers the fp32 graph with
+INFERENCE_PRECISION_HINT; ONNX Runtime runs an fp16 graph); int8 (ONNX Runtime's static
+post-training quantisation, QDQ, calibrated on the real pictures of ``--data``, run by
+ONNX Runtime and OpenVINO). Every non-fp32 row also states its PSNR and max error against
+the fp32 file on a Set5 picture, judged by ``validation.compare.THRESHOLDS``.
+
+Peers come from spandrel, which needs a torchvision built for the same torch. Where this
+interpreter has none (the CPU torch wheel), ``--peer-python`` names another interpreter
+(a venv with a matching pair): peer rows that build the PyTorch model run there; their
+ONNX Runtime / OpenVINO rows run the exported file here.
 
 Sizes are WIDTHxHEIGHT (1280x720 is 720p); the input is output / scale.  Models are
 random-weight (latency does not depend on the weights).  ONNX files are exported once
@@ -39,6 +59,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -49,8 +70,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import (  # noqa: E402
-    ONNX_RUNTIMES, device_name, machine_info, onnx_path_for, probe_spandrel, run_child, runtime_unavailable)
-from benchmarks.report import markdown_table, write_outputs  # noqa: E402
+    ONNX_RUNTIMES, device_name, machine_info, matmul_rate_gflops, onnx_path_for, probe_spandrel, run_child,
+    runtime_unavailable)
+from benchmarks.quality import DEFAULT_DATA  # noqa: E402
+from benchmarks.report import add_roofline, markdown_table, write_outputs  # noqa: E402
 from runtimes.cli_args import SIZE_SYNTAX, parse_size  # noqa: E402
 
 ESC_MODELS = ("esc", "esc_light", "esc_fp", "esc_real", "esc_xl")
@@ -59,12 +82,13 @@ PEERS = ("swinir_light", "omnisr", "span")
 
 RUNTIMES = ("torch", "torch_compile", "onnxruntime", "openvino", "tensorrt", "coreml")
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 KEY_FIELDS = ("model", "runtime", "precision", "device", "scale", "input_size", "output_size")
 
 
-SPANDREL_HINT = ("install torchvision matching torch (GPU machines ship it) and `pip install -e .[peers]`")
+SPANDREL_HINT = ("install torchvision matching torch (GPU machines ship it) and `pip install -e .[peers]`, "
+                 "or pass --peer-python with an environment that has both")
 
 
 
@@ -98,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32",
                    help=f"comma-separated precisions ({', '.join(PRECISIONS)}). Default: fp32")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--peer-python", type=Path, default=None, metavar="PYTHON",
+                   help="interpreter for the peers' PyTorch work (export, torch rows), e.g. "
+                        "/work/peer-venv/bin/python: an environment with spandrel and a torchvision that "
+                        "matches its torch (default: this interpreter)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="pictures: real_inputs/ calibrates int8, Set5/LR_bicubic/X4/ measures the "
+                        "PSNR of non-fp32 rows against fp32 (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
     p.add_argument("--repeat", type=int, default=10, help="timed calls per row (default 10)")
     p.add_argument("--out", type=Path, default=None,
@@ -126,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--precision is empty")
     if args.warmup < 0 or args.repeat < 1:
         parser.error("--warmup must be >= 0 and --repeat >= 1")
+    if args.peer_python is not None and not (args.peer_python.is_file() and os.access(args.peer_python, os.X_OK)):
+        parser.error(f"--peer-python {args.peer_python} is not an executable file; give the python of an "
+                     f"environment with spandrel and matching torch/torchvision (e.g. /work/peer-venv/bin/python)")
+    peer_python = str(args.peer_python.absolute()) if args.peer_python is not None else None
     device = args.device.strip().lower()
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         parser.error(f"--device must be cpu or cuda[:N], not {args.device!r}")
@@ -142,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out or ROOT / "benchmarks" / "results" / device_name(device)
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info(device)
+    if device == "cpu":  # the compute floor of every row, measured in this run
+        info["matmul_gflops"] = {"fp32": round(matmul_rate_gflops(), 1)}
     config = {"scale": args.scale, "output_size": f"{ow}x{oh}", "input_size": f"{iw}x{ih}",
               "warmup": args.warmup, "repeat": args.repeat, "device": device}
 
@@ -170,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spandrel_error: str | None = None
     if peers:
-        spandrel_error = probe_spandrel()
+        spandrel_error = probe_spandrel(peer_python)
 
     data = {"machine": info, "config": config, "rows": existing, "flops": flops_cache,
             "params": params_cache}
@@ -201,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 if bar:
                     bar.update(1)
                 continue
-            row = dict(base, warmup=args.warmup, repeat=args.repeat, torch_version=info["versions"]["torch"],
+            row = dict(base, warmup=args.warmup, repeat=args.repeat, weights=info["weights"],
+                       torch_version=info["versions"]["torch"],
                        onnxruntime_version=info["versions"]["onnxruntime"],
                        openvino_version=info["versions"]["openvino"],
                        timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -214,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(status="failed", reason=f"spandrel not importable ({spandrel_error}) — {SPANDREL_HINT}")
             else:
                 spec = dict(base, input_wh=[iw, ih], output_wh=[ow, oh], warmup=args.warmup, repeat=args.repeat,
-                            cache_dir=str(args.cache_dir.resolve()), flops_g=flops_cache.get(flops_key))
+                            cache_dir=str(args.cache_dir.resolve()), data_dir=str(args.data.resolve()),
+                            flops_g=flops_cache.get(flops_key))
+                # Peers build their PyTorch model under --peer-python; their ONNX rows run the file here.
+                torch_python = peer_python if base["family"] == "peer" else None
                 result: dict[str, Any] = {}
                 if base["runtime"] in ONNX_RUNTIMES and not onnx_path_for(spec).is_file():
                     if bar:
                         bar.set_description(f"{label} (ONNX export)")
-                    result = run_child(dict(spec, mode="export"), args.timeout)
+                    result = run_child(dict(spec, mode="export"), args.timeout, torch_python)
                     if result.get("flops_g") is not None:
                         flops_cache[flops_key] = result["flops_g"]
                     if result.get("params"):
@@ -231,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                         result["reason"] = f"ONNX export: {result.get('reason')}"
                 if not result:
                     spec.update(flops_g=flops_cache.get(flops_key), params=params_cache.get(base["model"]))
-                    result = run_child(spec, args.timeout)
+                    onnx_ready = base["runtime"] in ONNX_RUNTIMES and onnx_path_for(spec).is_file() \
+                        and spec["params"] and spec["flops_g"] is not None
+                    result = run_child(spec, args.timeout, None if onnx_ready else torch_python)
                     if export_s is not None:
                         result["export_s"] = export_s
                 if result.get("params"):
@@ -246,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("params") is None:  # a failed row still names the model's size when known
                 same = [r for r in rows_by_key.values() if r.get("model") == base["model"] and r.get("params")]
                 row["params"] = same[0]["params"] if same else None
+            add_roofline(row, info.get("matmul_gflops", {}).get("fp32"))
             rows_by_key[key] = row
             measured += 1
             save(plots=False)

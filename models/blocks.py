@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import WindowAttention
-from .layers import ChannelLayerNorm, ConvFFN, dynamic_depthwise3x3, dynamic_depthwise3x3_conv, one_hot_taps
+from .layers import (
+    ChannelLayerNorm,
+    ConvFFN,
+    dynamic_depthwise3x3,
+    dynamic_depthwise3x3_conv,
+    dynamic_depthwise3x3_grouped,
+    one_hot_taps,
+)
 
 DYNAMIC_KERNEL = 3
 
@@ -36,11 +43,12 @@ def _estimate(estimator: nn.Sequential, x1: torch.Tensor) -> torch.Tensor:
 class _DynamicKernelForm:
     """Mixin: which form of the dynamic 3x3 convolution a ConvAttn module runs.
 
-    ``"shifts"`` (nine shifted multiply-adds, the default) or ``"conv"`` (one fixed
+    ``"shifts"`` (nine shifted multiply-adds, the default), ``"conv"`` (one fixed
     one-hot depthwise conv + multiply + sum: the same sum in 4 graph nodes, which
     exporters prefer; its one-hot weights are a non-persistent buffer, so they follow
-    ``.to()``/``.half()`` and never enter the state dict). Set through
-    :meth:`models.base.ESCBase.set_dynamic_kernel_form`.
+    ``.to()``/``.half()`` and never enter the state dict) or ``"grouped"`` (one grouped
+    convolution over ``B * C`` groups: the fast eager form, shifts when a graph is
+    captured). Set through :meth:`models.base.ESCBase.set_dynamic_kernel_form`.
     """
 
     dynamic_form: str = "shifts"
@@ -56,6 +64,8 @@ class _DynamicKernelForm:
     def dynamic_depthwise(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         if self.dynamic_form == "conv":
             return dynamic_depthwise3x3_conv(x, kernel, self.one_hot)
+        if self.dynamic_form == "grouped":
+            return dynamic_depthwise3x3_grouped(x, kernel)
         return dynamic_depthwise3x3(x, kernel)
 
 

@@ -32,7 +32,9 @@ def test_outputs_have_expected_rows_and_columns(tiny_run: tuple[Path, list[str]]
     for name in ("results.csv", "results.json", "results.md", "latency.png", "latency_vs_params.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = json.loads((out / "results.json").read_text())
-    assert {"cpu", "cpu_count", "versions", "date"} <= set(data["machine"])
+    # What benchmarks.table needs to merge this file honestly (issue 16).
+    assert {"cpu", "cpu_count", "versions", "date", "machine", "device_name", "weights"} <= set(data["machine"])
+    assert data["machine"]["weights"] == "random" and data["machine"]["matmul_gflops"]["fp32"] > 0
     rows = data["rows"]
     assert [(r["model"], r["runtime"]) for r in rows] == [("esc_light", "torch"), ("esc_light", "onnxruntime")]
     torch_row = rows[0]
@@ -41,6 +43,13 @@ def test_outputs_have_expected_rows_and_columns(tiny_run: tuple[Path, list[str]]
     assert torch_row["params"] > 100_000 and torch_row["flops_g"] > 0
     assert torch_row["latency_p10_ms"] <= torch_row["latency_median_ms"] <= torch_row["latency_p90_ms"]
     assert torch_row["peak_memory_mb"] is not None and torch_row["torch_version"]
+    assert torch_row["weights"] == "random" and torch_row["precision"] == "fp32"
+    # Roofline: GFLOP/s = FLOPs / latency; x floor = latency / (FLOPs at the run's matmul rate).
+    rate = data["machine"]["matmul_gflops"]["fp32"]
+    assert torch_row["achieved_gflops"] == pytest.approx(torch_row["flops_g"] / torch_row["latency_median_ms"] * 1e3,
+                                                         rel=0.01)
+    assert torch_row["floor_ratio"] == pytest.approx(rate / torch_row["achieved_gflops"], rel=0.02)
+    assert torch_row["memory_bytes_per_input_pixel"] >= 0
     # The ONNX row is ok, or a failed row that says why (e.g. the exporter is missing).
     assert rows[1]["status"] in ("ok", "failed") and (rows[1]["status"] == "ok" or rows[1]["reason"])
     with open(out / "results.csv", newline="") as fh:
@@ -69,7 +78,7 @@ def test_resume_keeps_finished_rows(tiny_run: tuple[Path, list[str]], monkeypatc
 
 def test_peer_row_without_spandrel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("spandrel") is not None:
-        monkeypatch.setattr(bench, "probe_spandrel", lambda: "ImportError: simulated")
+        monkeypatch.setattr(bench, "probe_spandrel", lambda python=None: "ImportError: simulated")
     monkeypatch.setattr(bench, "run_child", lambda *a, **k: pytest.fail("no child for an unavailable peer"))
     argv = ["--models", "none", "--peers", "swinir_light", "--runtimes", "torch,tensorrt",
             "--output-size", "64x64", "--out", str(tmp_path), "--no-plots"]
@@ -85,6 +94,8 @@ def test_peer_row_without_spandrel(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     ("--runtimes", "torch,tensorrtt", "unknown runtime(s) tensorrtt; choose from: torch, torch_compile"),
     ("--models", "esc,edsr", "unknown model(s) edsr; choose from: esc, esc_light"),
     ("--output-size", "65x64", "not divisible by --scale 4"),
+    ("--precision", "fp32,int4", "unknown precision(s) int4; choose from: fp32, fp16, bf16, int8"),
+    ("--peer-python", "/nonexistent/python", "is not an executable file"),
 ])
 def test_bad_flags_exit_2(flag: str, value: str, message: str, tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,3 +138,50 @@ def test_coreml_row_says_why_it_skips_off_macos() -> None:
         assert reason is None or "coremltools" in reason
     else:
         assert reason is not None and reason.startswith("Core ML prediction needs macOS")
+
+
+@pytest.mark.parametrize("runtime, precision, expected", [
+    ("torch", "bf16", "slower than fp32"),
+    ("onnxruntime", "bf16", "no bf16 Conv/MatMul kernels"),
+    ("torch", "int8", "ONNX Runtime and OpenVINO rows only"),
+    ("openvino", "bf16", None),
+    ("onnxruntime", "int8", None),
+])
+def test_cpu_precisions_say_why_they_skip(runtime: str, precision: str, expected: str | None) -> None:
+    from benchmarks.measure import runtime_unavailable
+
+    reason = runtime_unavailable(runtime, "cpu", precision)
+    if expected is None:
+        assert reason is None or "not installed" in reason
+    else:
+        assert reason is not None and expected in reason
+
+
+def test_onnx_file_per_precision(tmp_path: Path) -> None:
+    """OpenVINO lowers the fp32 file itself; int8 rows of both runtimes share one quantised file."""
+    from benchmarks.measure import onnx_path_for
+
+    spec = {"cache_dir": str(tmp_path), "input_wh": [32, 16], "model": "esc", "scale": 4}
+    names = {(rt, p): onnx_path_for(dict(spec, runtime=rt, precision=p)).name
+             for rt in ("onnxruntime", "openvino") for p in ("fp32", "bf16", "fp16", "int8")}
+    assert names[("openvino", "bf16")] == names[("openvino", "fp32")] == "esc_x4_16x32_fp32_op18.onnx"
+    assert names[("onnxruntime", "int8")] == names[("openvino", "int8")] == "esc_x4_16x32_int8_op18.onnx"
+    assert names[("onnxruntime", "fp16")] == "esc_x4_16x32_fp16_op18.onnx"
+
+
+def test_peer_rows_use_the_peer_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--peer-python: a peer's PyTorch work runs under that interpreter, ESC rows under this one."""
+    import sys
+
+    calls: list[tuple[str, str | None]] = []
+
+    def fake_child(spec: dict, timeout: float, python: str | None = None) -> dict:
+        calls.append((spec["model"], python))
+        return {"status": "failed", "reason": "not measured in this test"}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "probe_spandrel", lambda python=None: None)
+    argv = ["--models", "esc_light", "--peers", "span", "--runtimes", "torch", "--output-size", "64x64",
+            "--peer-python", sys.executable, "--out", str(tmp_path), "--no-plots"]
+    assert bench.main(argv) == 0
+    assert calls == [("esc_light", None), ("span", str(Path(sys.executable).absolute()))]
