@@ -326,6 +326,9 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         from runtimes.base import load
 
         runner = load(model, device=device, precision=precision)
+        if hasattr(runner.model, "set_dynamic_kernel_form"):  # ESC: the eager fast form (one grouped conv)
+            runner.model.set_dynamic_kernel_form("grouped")
+            out["dynamic_kernel_form"] = "grouped"
         out["runtime_version"] = torch.__version__
         xin = x.to(dtype)
 

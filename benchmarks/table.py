@@ -132,7 +132,7 @@ def _machine_fields(data: dict[str, Any], source: str) -> dict[str, str]:
     kept = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v)
     config = data.get("config") or {}
     return {
-        "machine": str(machine.get("hostname") or "?"),
+        "machine": str(machine.get("machine") or machine.get("hostname") or "?"),
         "device_name": str(machine.get("device_name") or machine.get("gpu") or machine.get("cpu") or "?"),
         "date": str(machine.get("date") or "?")[:10],
         "weights": str(machine.get("weights") or config.get("weights") or "?"),

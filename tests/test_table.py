@@ -117,6 +117,22 @@ def test_readme_block_replacement(tmp_path: Path) -> None:
         bt.replace_readme_block("no markers here", "x")
 
 
+def test_a_benchmark_run_machine_block_has_every_provenance_field(tmp_path: Path) -> None:
+    """What benchmarks/run.py writes (measure.machine_info) is enough to head a column: no '?' guesses."""
+    from benchmarks.measure import machine_info
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"machine": machine_info("cpu"), "config": {},
+                                "rows": [_row("esc", "openvino", "128x128", precision="bf16")]}))
+    provenance, _ = bt.read_results(path)
+    assert set(provenance) == set(bt.PROVENANCE_FIELDS)
+    assert all(value != "?" for value in provenance.values()), provenance
+    assert provenance["weights"] == "random" and "cores" in provenance["device_name"]
+    assert "openvino" in provenance["versions"] or "torch" in provenance["versions"]
+    header = bt.merge([path], references=()).columns[0].header
+    assert header.endswith("· openvino · bf16 @ 128x128")
+
+
 def test_readme_table_matches_the_committed_results() -> None:
     """The README's table is exactly what `python -m benchmarks.table --readme README.md` writes."""
     readme = (bt.ROOT / "README.md").read_text()
