@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import pickle
 import shutil
 import tempfile
 import urllib.error
@@ -98,7 +99,7 @@ def _check_loadable(path: Path, url: str) -> None:
 
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any failure to parse means the bytes are not a usable checkpoint
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
         raise WeightsDownloadError(
             f"{url} did not download as a readable weights-only checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Nothing was cached; check "

@@ -55,14 +55,20 @@ class RuntimeCost:
 #: (``python -m runtimes.memory ARTIFACT --sides 64 128 192 256``; 2-core Xeon, torch
 #: 2.13 CPU, onnxruntime 1.32, OpenVINO 2026.4, 2026-12, other jobs running). Measured:
 #: torch 48/42/43/42 KB per pixel (its CPU sdpa with a float bias materialises the
-#: scores too), onnxruntime 33/38/44/45 KB (slightly faster than linear: the slope of the
-#: fit is used and the default budget's 50% is the margin), OpenVINO 6.4/6.2/5.9/5.7 KB.
+#: scores too); onnxruntime 33/38/44/45 KB, and 46 KB for one 320x320 call; OpenVINO
+#: 6.4/6.2/5.9/5.7 KB, but a whole 1024x1024 esc_light x4 upscale peaked at 8.0 GB RSS
+#: (7.3 KB per pixel with everything else counted), so 7.3 KB is used.
+#: ONNX Runtime's CPU arena keeps what a call reserved and grows in powers of two: a
+#: default 1024x1024 upscale with 448-pixel tiles (one call fitted at 9.3 GB) reached
+#: 19.1 GB before the kernel killed it. Its coefficient is therefore twice the fitted
+#: 46 KB until sessions run without the arena (``enable_cpu_mem_arena = False``: one
+#: call then returns to 4 MB after its 2.1 GB peak, measured).
 #: Runtimes not measured here (Core ML, TensorRT) use the largest coefficient: an
 #: over-estimate, never an under-estimate.
 RUNTIME_COSTS: dict[str, RuntimeCost] = {
     "torch": RuntimeCost(per_pixel=41_700.0, per_call=22e6),
-    "onnxruntime": RuntimeCost(per_pixel=46_200.0, per_call=0.0),
-    "openvino": RuntimeCost(per_pixel=5_650.0, per_call=6e6),
+    "onnxruntime": RuntimeCost(per_pixel=2 * 46_200.0, per_call=0.0),
+    "openvino": RuntimeCost(per_pixel=7_300.0, per_call=6e6),
 }
 FALLBACK_COST = max(RUNTIME_COSTS.values(), key=lambda c: c.per_pixel)
 

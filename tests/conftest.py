@@ -99,7 +99,7 @@ def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
 
 
 # -- deliberately broken artifacts: every gate must reject them --------------------------
-def _rewire_output(model: "onnx.ModelProto", make: "Callable[[str, str], list[onnx.NodeProto]]") -> None:
+def _rewire_output(model: onnx.ModelProto, make: Callable[[str, str], list[onnx.NodeProto]]) -> None:
     """Rename the graph output's producer to ``<out>_raw`` and append ``make(raw, out)`` nodes."""
     out = model.graph.output[0].name
     raw = f"{out}_raw"

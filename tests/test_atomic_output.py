@@ -40,7 +40,7 @@ def package_owner(folder: Path) -> str:
     return owner
 
 
-def export(target: Path, writer: str, barrier: "multiprocessing.synchronize.Barrier") -> None:
+def export(target: Path, writer: str, barrier: multiprocessing.synchronize.Barrier) -> None:
     """One export in a child process; a failure is its exit status (and traceback on stderr)."""
     rename = os.replace
 
@@ -52,6 +52,13 @@ def export(target: Path, writer: str, barrier: "multiprocessing.synchronize.Barr
     with atomic_output(target) as tmp:
         write_package(tmp, writer)
         barrier.wait(timeout=30)  # both writers finish together, then race for the final name
+
+
+def watch(target: Path, existing: bool, done: threading.Event, missing: list[int], round_: int) -> None:
+    """Record ``round_`` whenever a package that existed before is missing."""
+    while not done.is_set():
+        if existing and not target.exists():
+            missing.append(round_)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked writers; the exchange is Linux's")
@@ -66,12 +73,7 @@ def test_two_racing_exports_leave_one_complete_package(existing: bool, tmp_path:
         barrier = fork.Barrier(2)
         done = threading.Event()
 
-        def watch() -> None:
-            while not done.is_set():
-                if existing and not target.exists():
-                    missing.append(round_)
-
-        watcher = threading.Thread(target=watch)
+        watcher = threading.Thread(target=watch, args=(target, existing, done, missing, round_))
         writers = [fork.Process(target=export, args=(target, f"w{round_}{k}", barrier)) for k in "ab"]
         watcher.start()
         for w in writers:
@@ -89,9 +91,8 @@ def test_two_racing_exports_leave_one_complete_package(existing: bool, tmp_path:
 def test_a_failed_export_keeps_the_old_package(tmp_path: Path) -> None:
     target = tmp_path / "model.mlpackage"
     write_package(target, "old")
-    with pytest.raises(RuntimeError, match="converter crashed"):
-        with atomic_output(target) as tmp:
-            write_package(tmp, "new")
-            raise RuntimeError("converter crashed")
+    with pytest.raises(RuntimeError, match="converter crashed"), atomic_output(target) as tmp:
+        write_package(tmp, "new")
+        raise RuntimeError("converter crashed")
     assert package_owner(target) == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import corrupt_constant_onnx, swap_channels_onnx
+
 from export.verify import ExportParityError, verify_artifact
 from models import load_model
 from validation.compare import threshold_for

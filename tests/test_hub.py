@@ -35,7 +35,7 @@ GOOD = checkpoint_bytes()
 class ReleaseHost(BaseHTTPRequestHandler):
     """``/good/``, ``/short/``, ``/truncated/`` serve NAME.pth; anything else is 404."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         kind = self.path.strip("/").split("/")[0]
         if kind not in ("good", "short", "truncated"):
             self.send_error(404, "Not Found")

@@ -5,6 +5,7 @@ and the per-runtime coefficients are the ones the plan applies."""
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,16 @@ from torch import nn
 
 from runtimes import load
 from runtimes.base import RunnerError
-from runtimes.memory import (RUNTIME_COSTS, BudgetError, RuntimeCost, default_budget, fit_cost, image_bytes,
-                             parse_budget, plan_tiles)
+from runtimes.memory import (
+    RUNTIME_COSTS,
+    BudgetError,
+    RuntimeCost,
+    default_budget,
+    fit_cost,
+    image_bytes,
+    parse_budget,
+    plan_tiles,
+)
 from runtimes.tiling import _plan_axis_aligned
 from runtimes.upscale import budget_arg, main
 
@@ -72,7 +81,7 @@ def test_a_smaller_budget_gives_smaller_tiles_then_smaller_batches() -> None:
 
 def test_the_runtime_coefficient_decides_the_tile() -> None:
     """OpenVINO holds ~8x less per pixel than ONNX Runtime (measured): same budget, larger tiles."""
-    kwargs = dict(budget=4 * GIB, source="test", align=32, context=96)
+    kwargs = {"budget": 4 * GIB, "source": "test", "align": 32, "context": 96}
     ov = plan_tiles((2048, 2048), 4, "openvino", **kwargs)
     ort = plan_tiles((2048, 2048), 4, "onnxruntime", **kwargs)
     unknown = plan_tiles((2048, 2048), 4, "coreml", **kwargs)  # not measured: the largest coefficient
@@ -97,7 +106,7 @@ def test_aligned_windows_start_on_the_grid_and_keep_their_context() -> None:
         spans = _plan_axis_aligned(length, window, overlap, 32)
         assert all(s.start % 32 == 0 for s in spans)
         assert spans[0].keep_start == 0 and spans[-1].keep_end == length
-        assert all(a.keep_end == b.keep_start for a, b in zip(spans, spans[1:]))
+        assert all(a.keep_end == b.keep_start for a, b in itertools.pairwise(spans))
         assert spans[-1].start + spans[-1].size == length and all(s.size <= window for s in spans)
         for s in spans:  # every kept pixel has `overlap` pixels of context, except at the image edges
             assert s.keep_start == 0 or s.keep_start - s.start >= overlap

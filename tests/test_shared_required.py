@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ def run_pytest(shared: Path, require: bool, extra: tuple[str, ...] = ()) -> subp
     if require:
         env["ESC_REQUIRE_SHARED"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, GOLDEN_TEST],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_missing_shared_data_fails_the_session_when_required(tmp_path: Path) -> None:

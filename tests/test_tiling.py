@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GOLDEN_CASE, require_path
 from torch import nn
 
-from conftest import GOLDEN_CASE, require_path
 from runtimes.tiling import _plan_axis, tiled_upscale, upscale_alpha
 
 RADIUS = 6  # three 5x5 convolutions: 3 * 2 pixels of receptive-field radius
