@@ -222,7 +222,12 @@ def kernel_table(plan: Plan, budget: Budget) -> list[dict[str, Any]]:
     """Window attention alone: every method on the same map and table, at each size and dtype."""
     import torch
 
-    from models.attention.backends import FlashBiasBackend, FlexBackend, NaiveBackend, SdpaBackend
+    from models.attention.backends import (
+        FlashBiasBackend,
+        FlexBackend,
+        NaiveBackend,
+        SdpaBackend,
+    )
     from models.attention.module import WindowAttention
     from models.kernels.reference import window_attention_reference
     from models.kernels.window_attention_triton import window_attention_triton
@@ -261,7 +266,6 @@ def kernel_table(plan: Plan, budget: Budget) -> list[dict[str, Any]]:
                     return {"max_abs_err": err, **measure(fn, plan, plan.repeat)}
 
             rows.append(_guarded(row, work))
-        del reference, qkv, attn
     return rows
 
 

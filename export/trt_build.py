@@ -9,13 +9,18 @@ Pipeline (each step a function below):
    graph carries the precision (strong typing, below). A file already there whose
    ``esc.*`` metadata matches (weights hash, attention, precision, opset, toolkit version,
    dynamic shapes) is reused.
-2. **environment** (:func:`probe_environment`): TensorRT (>= 10.9 with ``tensorrt.plugin``),
-   a CUDA GPU, Triton (AOT kernel compilation). What is missing is listed with its fix.
+0. **profile** (:meth:`ShapeProfile.check_kernel_launch`): for ``plugin`` attention the max
+   shape must fit the kernel's CUDA grid (65535 windows, 65535 batch x heads); checked
+   before any export, with the largest allowed size in the message.
+2. **environment** (:func:`probe_environment`): TensorRT (>= 10.9 with ``tensorrt.plugin``;
+   >= 10.14 for ``native``, whose ONNX ``Attention`` older parsers reject), a CUDA GPU,
+   Triton >= 3.4 (AOT kernel compilation). What is missing is listed with its fix.
 3. **engine** (:func:`build_engine`): ``trt.Builder`` -> network (explicit batch;
    ``STRONGLY_TYPED`` by default: the precision is the graph's, as TensorRT 11 requires;
    ``typing="weak"`` keeps TensorRT 10's fp32 graph + ``BuilderFlag.FP16/BF16`` route),
    ``PREFER_AOT_PYTHON_PLUGINS``, ``trt.OnnxParser.parse_from_file`` with the plugin
-   registered, one optimisation profile over ``lr`` (min/opt/max), a timing cache file next
+   registered (``native``: every parsed ``IAttention`` marked decomposable, see
+   :func:`mark_attention_decomposable`), one optimisation profile over ``lr`` (min/opt/max), a timing cache file next
    to the engine (read before, written after), ``build_serialized_network``, atomic write.
    The engine's *file name* encodes precision, typing, attention, shape range, TensorRT
    version, GPU name and the ONNX file's hash (:func:`engine_tag`): an engine is reused
@@ -49,7 +54,12 @@ from models.errors import ESCError
 from models.kernels.launch import grid_limit_problem
 from models.kernels.triton_support import MIN_TRITON, triton_too_old_message
 from runtimes.cli_args import SIZE_SYNTAX, parse_size
-from runtimes.metadata import ArtifactMetadata, read_onnx_metadata, sidecar_path, write_sidecar
+from runtimes.metadata import (
+    ArtifactMetadata,
+    read_onnx_metadata,
+    sidecar_path,
+    write_sidecar,
+)
 from runtimes.plugin_ops.contract import ATTENTION_LABEL, PLUGIN_ID
 
 from .common import atomic_output, sha256_file
@@ -188,7 +198,11 @@ class Environment:
 
     def missing(self, attention: str = "plugin") -> list[str]:
         """One sentence per missing requirement, each with its fix (empty: ready to build)."""
-        from runtimes.plugin_ops.tensorrt_plugin import MIN_TRT_VERSION, tensorrt_install_hint, tensorrt_version_tuple
+        from runtimes.plugin_ops.tensorrt_plugin import (
+            MIN_TRT_VERSION,
+            tensorrt_install_hint,
+            tensorrt_version_tuple,
+        )
 
         out = []
         version = tensorrt_version_tuple(self.tensorrt_version or "0")

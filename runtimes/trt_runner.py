@@ -85,7 +85,11 @@ class TensorRTRunner(Runner):
         self.artifact = os.fspath(artifact)
         if not Path(self.artifact).is_file():
             raise RunnerError(f"no such TensorRT engine: {self.artifact}")
-        from .plugin_ops.tensorrt_plugin import TensorRTUnavailableError, import_tensorrt, register_plugin
+        from .plugin_ops.tensorrt_plugin import (
+            TensorRTUnavailableError,
+            import_tensorrt,
+            register_plugin,
+        )
 
         try:
             trt, _ = import_tensorrt()

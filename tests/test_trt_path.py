@@ -31,7 +31,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.plugin_onnx import PluginExportError, export_plugin_onnx, verify_plugin_graph
+from export.plugin_onnx import (
+    PluginExportError,
+    export_plugin_onnx,
+    verify_plugin_graph,
+)
 from models.kernels.reference import window_attention_reference
 from runtimes.plugin_ops.contract import (
     AOT_ATTRIBUTE,
@@ -41,7 +45,12 @@ from runtimes.plugin_ops.contract import (
     has_plugin_nodes,
     make_plugin_node,
 )
-from runtimes.plugin_ops.onnxruntime_op import ORT_DOMAIN, ORT_DOMAINS, prepare_for_onnxruntime, run_plugin_onnx
+from runtimes.plugin_ops.onnxruntime_op import (
+    ORT_DOMAIN,
+    ORT_DOMAINS,
+    prepare_for_onnxruntime,
+    run_plugin_onnx,
+)
 from validation.compare import threshold_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -440,6 +449,15 @@ print(json.dumps(result))
 '''
 
 
+def _write_trt_stub(tmp_path: Path, version: str = "10.99.0-stub") -> Path:
+    """A folder holding the stand-in ``tensorrt`` package (put it first on PYTHONPATH)."""
+    stub = tmp_path / "stub" / "tensorrt"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(_TRT_STUB.replace('"10.99.0-stub"', f'"{version}"'))
+    (stub / "plugin.py").write_text(_TRTP_STUB)
+    return stub.parent
+
+
 def _run_clean(code: str, extra_path: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = _clean_env()
     if extra_path is not None:
@@ -520,11 +538,7 @@ def test_compile_ptx_without_gpu() -> None:
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the stand-in would shadow it")
 def test_plugin_registration_against_documented_schema(tmp_path: Path) -> None:
     """register/impl/aot_impl signatures, shape and type inference, AOT launch parameters (stand-in TensorRT)."""
-    stub = tmp_path / "stub" / "tensorrt"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text(_TRT_STUB)
-    (stub / "plugin.py").write_text(_TRTP_STUB)
-    run = _run_clean(_PLUGIN_PROBE, extra_path=stub.parent)
+    run = _run_clean(_PLUGIN_PROBE, extra_path=_write_trt_stub(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["info"] == {"registered": True, "aot": True, "target": "cuda:90"}
@@ -610,7 +624,12 @@ print(json.dumps(out))
 
 def test_old_triton_is_refused_with_the_documented_message(tmp_path: Path) -> None:
     """Triton < 3.4 (no triton.knobs): the kernel import and the AOT compile name the floor, no AttributeError."""
-    from models.kernels.triton_support import MIN_TRITON, TritonVersionError, require_triton, triton_too_old_message
+    from models.kernels.triton_support import (
+        MIN_TRITON,
+        TritonVersionError,
+        require_triton,
+        triton_too_old_message,
+    )
 
     assert MIN_TRITON == (3, 4)
     assert triton_too_old_message("3.4.0") is None and triton_too_old_message("3.9.0+git1a2b") is None
@@ -760,11 +779,7 @@ print(json.dumps({"same": kernel.asm["ptx"] == build_ptx, "build": version(build
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the stand-in would shadow it")
 def test_dry_run_ptx_is_what_the_build_embeds(tmp_path: Path) -> None:
     """Same target and driver PTX cap in both: the dry run's PTX equals the AOT impl's (stand-in TensorRT)."""
-    stub = tmp_path / "stub" / "tensorrt"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text(_TRT_STUB)
-    (stub / "plugin.py").write_text(_TRTP_STUB)
-    run = _run_clean(_DRY_RUN_PTX_PROBE, extra_path=stub.parent)
+    run = _run_clean(_DRY_RUN_PTX_PROBE, extra_path=_write_trt_stub(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["same"], out
@@ -844,12 +859,8 @@ def test_parity_gate_fails_on_a_corrupted_artifact(golden_dir: Path, plugin_expo
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the stand-in would shadow it")
 def test_to_trt_native_attention_gate_message(golden_dir: Path, tmp_path: Path) -> None:
     """With a TensorRT 10.13 (stand-in), --attention native prints the documented 10.14 gate and exits 2."""
-    stub = tmp_path / "stub" / "tensorrt"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text(_TRT_STUB.replace('"10.99.0-stub"', '"10.13.2"'))
-    (stub / "plugin.py").write_text(_TRTP_STUB)
     env = _clean_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(stub.parent), env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([str(_write_trt_stub(tmp_path, "10.13.2")), env["PYTHONPATH"]])
     run = subprocess.run([sys.executable, str(REPO / "export" / "to_trt.py"), "--weights",
                           str(golden_dir / "esc_light_x4_35x35_b1.pth"), "--attention", "native", "--precision",
                           "fp32", "-o", str(tmp_path / "n.engine")], capture_output=True, text=True, env=env,

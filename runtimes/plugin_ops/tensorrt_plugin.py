@@ -32,6 +32,14 @@ scratch) to every kernel; :func:`compile_kernel` refuses a compilation that woul
 scratch memory, so those parameters are never read. Shared memory is kept within the
 48 KiB a launch may use without an opt-in (fewer pipeline stages if needed).
 
+The PTX target and PTX-version cap come from one place, :func:`aot_options` (flags,
+``ESC_TRT_PTX_TARGET``/``ESC_TRT_PTX_VERSION``, this GPU, the driver's PTX version), for the
+registration the build uses and for ``to_trt --dry-run`` alike, so the dry run reports the
+kernel the engine embeds. A registration that fails is remembered and raised again
+(:class:`PluginRegistrationError`, chained to the cause) on every later call. Triton older
+than :data:`models.kernels.triton_support.MIN_TRITON` is refused with a message
+(:data:`TRITON_PROBLEM`), not an ``AttributeError``.
+
 :func:`compile_ptx` runs without a GPU (``GPUTarget("cuda", 90, 32)`` by default), which
 is how the tests check the AOT kernel on CPU-only machines. Triton must not be in
 interpreter mode in that process (``TRITON_INTERPRET=1`` turns ``@triton.jit`` into an
