@@ -1,9 +1,10 @@
 """Latency of one model in several PyTorch modes, side by side in one run.
 
     python benchmarks/model_modes.py --model esc --scale 4 --size 180x320 \
-        --modes naive,sdpa,naive+deploy,sdpa+deploy --repeat 5
+        --modes naive,sdpa,naive+deploy,sdpa+deploy,sdpa+deploy+grouped --repeat 5
 
-A mode is an attention back-end, optionally ``+deploy`` (the exact deploy-time folds).
+A mode is an attention back-end, optionally ``+deploy`` (the exact deploy-time folds) and
+``+grouped`` (the dynamic 3x3 as one grouped convolution, the eager fast form).
 Modes are interleaved round by round so drifting machine load hits them alike.
 """
 from __future__ import annotations
@@ -31,10 +32,16 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build(model: str, scale: int, mode: str) -> torch.nn.Module:
-    attention, _, deploy = mode.partition("+")
+    """``attention[+deploy][+grouped]``: a back-end, the deploy folds, the grouped dynamic 3x3 (eager fast form)."""
+    attention, *flags = mode.split("+")
+    unknown = set(flags) - {"deploy", "grouped"}
+    if unknown:
+        raise SystemExit(f"error: unknown mode flag(s) {', '.join(sorted(unknown))} in {mode!r}; "
+                         f"use attention[+deploy][+grouped], e.g. sdpa+deploy+grouped")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: latency does not depend on them
-        return create_model(model, scale, attention=attention, deploy=deploy == "deploy")
+        net = create_model(model, scale, attention=attention, deploy="deploy" in flags)
+    return net.set_dynamic_kernel_form("grouped") if "grouped" in flags else net
 
 
 def main(argv: list[str] | None = None) -> None:
