@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.backends import AttentionBackend
+from ..attention.windows import merge, partition
 from ..errors import AttentionBackendError
-from .windows import join_windows, split_windows
 
 if TYPE_CHECKING:
     from .attention import RIBAttention
@@ -35,10 +35,10 @@ class RIBBackend(AttentionBackend):
     """Splits the padded map into windows, runs :meth:`core`, joins the windows."""
 
     def __call__(self, qkv: torch.Tensor, attn: RIBAttention) -> torch.Tensor:  # type: ignore[override]
-        q, k, v = split_windows(qkv, attn.window, attn.heads)
+        q, k, v = partition(qkv, attn.window, attn.heads)
         f_q, f_k = (f.to(q.dtype) for f in attn.factors())
         out = self.core(q, k, v, f_q, f_k, attn.head_dim ** -0.5)
-        return join_windows(out, qkv.shape[0], qkv.shape[-2], qkv.shape[-1], attn.window)
+        return merge(out, qkv.shape[0], qkv.shape[-2], qkv.shape[-1], attn.window)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f_q: torch.Tensor, f_k: torch.Tensor,
              scale: float) -> torch.Tensor:
