@@ -115,3 +115,9 @@ def test_real_run_refuses_without_a_gpu(tmp_path: Path) -> None:
     small = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_evidence.py"), "--out", str(tmp_path),
                             "--repeat", "5"], capture_output=True, text=True, timeout=300)
     assert small.returncode == 2 and "--repeat must be >= 20" in small.stderr
+
+
+def test_spent_budget_leaves_rows_unmeasured_not_faked() -> None:
+    rows = ge.model_table(ge.Plan.tiny(), ge.Budget(0))
+    assert rows and all(r["status"].startswith("not measured: time budget") for r in rows)
+    assert not any("median_ms" in r or "peak_mib" in r for r in rows)
