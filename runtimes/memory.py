@@ -38,11 +38,14 @@ class RuntimeCost:
     """Peak memory growth of one model call: ``per_call + per_pixel * input pixels of the call``.
 
     ``per_pixel`` covers a whole batch's pixels (B * h * w); ``per_call`` is what a call
-    costs whatever its size (arenas, kernel workspaces).
+    costs whatever its size (arenas, kernel workspaces). ``per_shape``: the runtime keeps
+    a call's working memory after it returns and a call of another shape adds its own
+    (an arena that does not give memory back), so the peak is the sum over the shapes.
     """
 
     per_pixel: float
     per_call: float
+    per_shape: bool = False
 
     def call_bytes(self, pixels: int) -> float:
         return self.per_call + self.per_pixel * pixels
@@ -58,19 +61,23 @@ class RuntimeCost:
 #: scores too); onnxruntime 33/38/44/45 KB, and 46 KB for one 320x320 call; OpenVINO
 #: 6.4/6.2/5.9/5.7 KB, but a whole 1024x1024 esc_light x4 upscale peaked at 8.0 GB RSS
 #: (7.3 KB per pixel with everything else counted), so 7.3 KB is used.
-#: ONNX Runtime's CPU arena keeps what a call reserved and grows in powers of two: a
-#: default 1024x1024 upscale with 448-pixel tiles (one call fitted at 9.3 GB) reached
-#: 19.1 GB before the kernel killed it. Its coefficient is therefore twice the fitted
-#: 46 KB until sessions run without the arena (``enable_cpu_mem_arena = False``: one
-#: call then returns to 4 MB after its 2.1 GB peak, measured).
+#: ONNX Runtime's CPU arena keeps what a call reserved, and a call of another shape
+#: reserves more: one process running the four tile shapes of a 1024x1024 picture with
+#: 288-pixel tiles (288x288, 288x256, 256x288, 256x256) grew 3.6, 3.6, 6.9, 7.9 GiB after
+#: each call; a default run with 448-pixel tiles was killed by the kernel at 19.1 GB.
+#: Its cost therefore adds up every tile shape (``per_shape``; 12.7 GiB predicted for
+#: those four, 7.9 measured) until sessions run without the arena
+#: (``enable_cpu_mem_arena = False``: one call then returns to 4 MB after its 2.1 GB peak,
+#: measured), when ``per_shape`` can be dropped.
 #: Runtimes not measured here (Core ML, TensorRT) use the largest coefficient: an
 #: over-estimate, never an under-estimate.
 RUNTIME_COSTS: dict[str, RuntimeCost] = {
     "torch": RuntimeCost(per_pixel=41_700.0, per_call=22e6),
-    "onnxruntime": RuntimeCost(per_pixel=2 * 46_200.0, per_call=0.0),
+    "onnxruntime": RuntimeCost(per_pixel=46_200.0, per_call=0.0, per_shape=True),
     "openvino": RuntimeCost(per_pixel=7_300.0, per_call=6e6),
 }
-FALLBACK_COST = max(RUNTIME_COSTS.values(), key=lambda c: c.per_pixel)
+FALLBACK_COST = RuntimeCost(per_pixel=max(c.per_pixel for c in RUNTIME_COSTS.values()),
+                            per_call=max(c.per_call for c in RUNTIME_COSTS.values()), per_shape=True)
 
 #: Share of the free memory the default budget takes: the rest stays for the OS page
 #: cache, other processes and the error of the per-pixel fit.
@@ -162,13 +169,17 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _windows(length: int, tile: int | None, overlap: int, align: int) -> int:
-    """How many windows the tiler places along an axis (see :mod:`runtimes.tiling`)."""
+def _axis_plan(length: int, tile: int | None, overlap: int, align: int) -> tuple[int, set[int]]:
+    """(number of windows, their distinct sizes) the tiler places along an axis (see
+    :mod:`runtimes.tiling`: aligned starts, the last window shortened to the edge)."""
     if tile is None or length <= tile:
-        return 1
+        return 1, {length}
     stride = tile - 2 * overlap
-    stride = stride // align * align if stride >= align else stride
-    return 1 + math.ceil((length - tile) / max(stride, 1))
+    if stride < align:  # the tiler falls back to evenly spaced windows of one size
+        return 1 + math.ceil((length - tile) / max(stride, 1)), {tile}
+    stride = stride // align * align
+    gaps = math.ceil((length - tile) / stride)
+    return gaps + 1, {tile, length - gaps * stride}
 
 
 def plan_tiles(size: tuple[int, int], scale: int, runtime: str, budget: int, source: str, *, images: int = 1,
@@ -180,44 +191,53 @@ def plan_tiles(size: tuple[int, int], scale: int, runtime: str, budget: int, sou
     whole image when it fits, else the largest tile on the ``align`` grid that does,
     with ``context`` pixels of overlap (less only when the tile is too small to keep an
     ``align``-wide core). ``max_tile`` caps the tile (a runtime's size limit). The batch is
-    as many calls as fit, at most :data:`MAX_BATCH`. Raises :class:`BudgetError` when
-    not even the smallest tile fits.
+    as many calls as fit, at most :data:`MAX_BATCH`. A runtime that keeps memory per call
+    shape (:attr:`RuntimeCost.per_shape`) is charged for every distinct tile shape and
+    runs one tile per call.
+    Raises :class:`BudgetError` when not even the smallest tile fits.
     """
     cost = RUNTIME_COSTS.get(runtime, FALLBACK_COST)
     height, width = size
     align = max(int(align), 1)
-    room = budget - image_bytes(height, width, images, scale)
+    fixed = image_bytes(height, width, images, scale)
+    room = budget - fixed
 
-    def overlap_for(side: int) -> int:
+    def overlap_for(side: int | None) -> int:
+        if side is None:
+            return overlap if overlap is not None else 0
         return overlap if overlap is not None else max(min(context, (side - align) // 2), 0)
 
-    def call_pixels(side: int | None) -> int:
-        if side is None:
-            return _round_up(height, align) * _round_up(width, align)
-        return _round_up(min(side, height), align) * _round_up(min(side, width), align)
+    def held_pixels(side: int | None, batch: int) -> int:
+        """Input pixels whose working memory is held at the peak, with ``batch`` tiles per call."""
+        rows = _axis_plan(height, side, overlap_for(side), align)[1]
+        cols = _axis_plan(width, side, overlap_for(side), align)[1]
+        shapes = [_round_up(h, align) * _round_up(w, align) for h in rows for w in cols]
+        return batch * (sum(shapes) if cost.per_shape else max(shapes))
 
     if tile is None:
-        longest = _round_up(max(height, width), align)
         whole_fits = max_tile is None or max(height, width) <= max_tile
-        if whole_fits and cost.call_bytes(call_pixels(None)) <= room:
+        if whole_fits and cost.call_bytes(held_pixels(None, 1)) <= room:
             tile = None
         else:
+            longest = _round_up(max(height, width), align)
             top = min(longest, (max_tile // align) * align if max_tile else longest)
             sides = range(max(top, align), align - 1, -align)
-            tile = next((s for s in sides if cost.call_bytes(call_pixels(s)) <= room), None)
+            tile = next((s for s in sides if cost.call_bytes(held_pixels(s, 1)) <= room), None)
             if tile is None:
-                need = image_bytes(height, width, images, scale) + cost.call_bytes(align * align)
+                need = fixed + cost.call_bytes(align * align)
                 raise BudgetError(
                     f"a memory budget of {format_bytes(budget)} cannot hold this {width}x{height} upscale on "
                     f"{runtime}: even {align}x{align} tiles need ~{format_bytes(need)}; raise --memory-budget "
                     f"(or free memory), or upscale a smaller picture")
-    chosen_overlap = overlap_for(tile) if tile is not None else (overlap if overlap is not None else 0)
+    chosen_overlap = overlap_for(tile)
+    if batch_size is None and cost.per_shape:
+        batch_size = 1  # a short last batch would be one more shape to hold
     if batch_size is None:
-        per_call = cost.call_bytes(call_pixels(tile))
-        fits = int((room - cost.per_call) // max(per_call - cost.per_call, 1))
-        calls = images * _windows(height, tile, chosen_overlap, align) * _windows(width, tile, chosen_overlap, align)
+        fits = int((room - cost.per_call) // max(cost.per_pixel * held_pixels(tile, 1), 1))
+        calls = (images * _axis_plan(height, tile, chosen_overlap, align)[0]
+                 * _axis_plan(width, tile, chosen_overlap, align)[0])
         batch_size = max(1, min(MAX_BATCH, fits, calls))
-    estimate = image_bytes(height, width, images, scale) + cost.per_call + cost.per_pixel * batch_size * call_pixels(tile)
+    estimate = fixed + cost.call_bytes(held_pixels(tile, batch_size))
     return TilePlan(tile=tile, overlap=chosen_overlap, batch_size=batch_size, runtime=runtime, budget=budget,
                     estimate=estimate, source=source)
 

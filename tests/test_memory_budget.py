@@ -70,11 +70,15 @@ def test_a_smaller_budget_gives_smaller_tiles_then_smaller_batches() -> None:
     # The tightest budget that still runs: small tiles, whose overlap shrinks to keep a window's stride.
     tiny = plan(base + cost.call_bytes(64 * 64) + 1)
     assert tiny.tile == 64 and tiny.overlap == 16 and tiny.batch_size == 1
-    # Many small tiles: the batch grows with the room, up to MAX_BATCH.
-    batched = plan_tiles(size, scale, "onnxruntime", int(base + 4 * GIB), "test", align=32, context=96, tile=128)
-    single = plan_tiles(size, scale, "onnxruntime", int(base + cost.call_bytes(128 * 128) * 1.5), "test",
+    # Many small tiles: the batch grows with the room, up to MAX_BATCH (a runtime that
+    # holds memory per call shape, as ONNX Runtime's arena does, runs one tile per call).
+    torch_cost = RUNTIME_COSTS["torch"]
+    batched = plan_tiles(size, scale, "torch", int(base + 4 * GIB), "test", align=32, context=96, tile=128)
+    single = plan_tiles(size, scale, "torch", int(base + torch_cost.call_bytes(128 * 128) * 1.5), "test",
                         align=32, context=96, tile=128)
     assert batched.batch_size == 4 and single.batch_size == 1
+    assert plan_tiles(size, scale, "onnxruntime", int(base + 4 * GIB), "test", align=32, context=96,
+                      tile=128).batch_size == 1
     with pytest.raises(BudgetError, match="cannot hold this 768x1024 upscale on onnxruntime"):
         plan(base)
 
@@ -87,6 +91,17 @@ def test_the_runtime_coefficient_decides_the_tile() -> None:
     unknown = plan_tiles((2048, 2048), 4, "coreml", **kwargs)  # not measured: the largest coefficient
     assert ort.tile is not None and (ov.tile is None or ov.tile > ort.tile)
     assert unknown.tile == ort.tile
+
+
+def test_a_runtime_that_holds_memory_per_shape_is_charged_for_every_tile_shape() -> None:
+    """ONNX Runtime's arena keeps each shape's blocks (measured): 1000 px with 288-px tiles on
+    the 32-px grid gives 288- and 232-px windows, so four shapes are held at the peak."""
+    ort, torch_cost = RUNTIME_COSTS["onnxruntime"], RUNTIME_COSTS["torch"]
+    assert ort.per_shape and not torch_cost.per_shape
+    p = plan_tiles((1000, 1000), 4, "onnxruntime", 100 * GIB, "test", align=32, context=96, tile=288)
+    assert p.estimate == pytest.approx(image_bytes(1000, 1000, 1, 4) + ort.call_bytes((288 + 256) ** 2))
+    q = plan_tiles((1000, 1000), 4, "torch", 100 * GIB, "test", align=32, context=96, tile=288, batch_size=1)
+    assert q.estimate == pytest.approx(image_bytes(1000, 1000, 1, 4) + torch_cost.call_bytes(288 * 288))
 
 
 def test_explicit_values_win() -> None:

@@ -22,7 +22,7 @@ from runtimes.onnx_runner import SESSION_OPTIONS_HOOKS, OnnxModelInfo, OnnxRunne
 from runtimes.tiling import _plan_axis, tiled_upscale
 from runtimes.torch_runner import TorchRunner
 from conftest import GOLDEN_CASE
-from validation.compare import compare
+from validation.compare import compare, threshold_for
 
 GOLDEN = GOLDEN_CASE
 
@@ -217,7 +217,7 @@ def test_package_surface_is_lazy() -> None:
 
 def test_torch_runner_reproduces_the_golden_vector(torch_runner: TorchRunner, golden_dir: Path) -> None:
     io = torch.load(golden_dir / f"{GOLDEN}.io.pt", weights_only=True)
-    result = compare(io["sr"], torch_runner.infer(io["lr"]), atol=1e-4, name="sr")
+    result = compare(io["sr"], torch_runner.infer(io["lr"]), atol=threshold_for("fp32").atol, name="sr")
     assert result.passed, result.summary()
 
 
@@ -271,7 +271,7 @@ def test_onnx_runner_matches_torch_at_two_sizes(golden_onnx: Path, torch_runner:
     assert (runner.scale, runner.input_multiple, runner.precision) == (4, 32, "fp32")
     for shape in ((1, 3, 24, 40), (2, 3, 37, 29)):
         x = lr_crop(shape[2], shape[3], batch=shape[0])
-        result = compare(torch_runner.infer(x), runner.infer(x), atol=1e-4, name=f"sr{shape}")
+        result = compare(torch_runner.infer(x), runner.infer(x), atol=threshold_for("fp32").atol, name=f"sr{shape}")
         assert result.passed, result.summary()
     info = runner.describe()
     assert info["runner"] == "onnxruntime" and info["providers"] == ["CPUExecutionProvider"]
