@@ -40,13 +40,18 @@ def add_roofline(row: dict[str, Any], matmul_gflops: float | None) -> None:
     if row.get("status") != "ok" or not latency:
         return
     if flops:
-        row["achieved_gflops"] = round(flops / (latency / 1000.0), 1)
+        row["achieved_gflops"] = _significant(flops / (latency / 1000.0))
         if matmul_gflops:
-            row["floor_ratio"] = round(latency / (flops / matmul_gflops * 1000.0), 2)
+            row["floor_ratio"] = _significant(latency / (flops / matmul_gflops * 1000.0))
     size, memory = str(row.get("input_size", "")), row.get("peak_memory_mb")
     if memory is not None and "x" in size:
         w, h = (int(v) for v in size.split("x"))
-        row["memory_bytes_per_input_pixel"] = round(memory * 2**20 / (w * h), 1)
+        row["memory_bytes_per_input_pixel"] = _significant(memory * 2**20 / (w * h))
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits (tiny test sizes give figures far below 1)."""
+    return float(f"{value:.{digits}g}")
 
 
 def peer_ratios(rows: list[dict[str, Any]], baseline: str = RATIO_BASELINE) -> list[str]:
