@@ -98,6 +98,28 @@ def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small but genuine ESC x2 checkpoint in the official format (``params_ema``): 8x8
+    windows, one block, about 13k parameters, so CLI tests run in seconds."""
+    import torch
+
+    from models.config import ESCConfig
+    from models.loader import build
+
+    config = ESCConfig(arch="esc", scale=2, dim=16, pdim=8, kernel_size=5, n_blocks=1, conv_blocks=1,
+                       window_size=8, num_heads=1)
+    model = build(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("plk_filter", "relative_position_bias")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    path = tmp_path_factory.mktemp("tiny") / "tiny_esc_x2.pth"
+    torch.save({"params_ema": model.state_dict()}, path)
+    return path
+
+
 # -- deliberately broken artifacts: every gate must reject them --------------------------
 def _rewire_output(model: onnx.ModelProto, make: Callable[[str, str], list[onnx.NodeProto]]) -> None:
     """Rename the graph output's producer to ``<out>_raw`` and append ``make(raw, out)`` nodes."""

@@ -166,19 +166,6 @@ def test_runner_upscale_follows_the_budget() -> None:
         runner.upscale(x, memory_budget=1000)
 
 
-@pytest.fixture(scope="module")
-def tiny_esc(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ESC x2 checkpoint (8x8 windows), so the CLI runs in seconds."""
-    from models.config import ESCConfig
-    from models.loader import build
-
-    config = ESCConfig(arch="esc", scale=2, dim=16, pdim=8, kernel_size=5, n_blocks=1, conv_blocks=1,
-                       window_size=8, num_heads=1)
-    path = tmp_path_factory.mktemp("tiny") / "tiny_esc_x2.pth"
-    torch.save({"params_ema": build(config).state_dict()}, path)
-    return path
-
-
 def write_png(path: Path, h: int, w: int) -> Path:
     from PIL import Image
 
@@ -191,33 +178,33 @@ def tiling_line(err: str) -> str:
     return next(line for line in err.splitlines() if line.startswith("tiling: "))
 
 
-def test_cli_says_what_it_chose_and_a_tight_budget_tiles(tiny_esc: Path, tmp_path: Path,
+def test_cli_says_what_it_chose_and_a_tight_budget_tiles(tiny_checkpoint: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     src = write_png(tmp_path / "in.png", 200, 240)
-    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--quiet"]) == 0
+    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_checkpoint), "--quiet"]) == 0
     assert tiling_line(capsys.readouterr().err).startswith("tiling: whole image per call, batch 1 (torch: ~")
-    assert main([str(src), str(tmp_path / "b.png"), "--artifact", str(tiny_esc), "--quiet",
+    assert main([str(src), str(tmp_path / "b.png"), "--artifact", str(tiny_checkpoint), "--quiet",
                  "--memory-budget", "900MB"]) == 0
     line = tiling_line(capsys.readouterr().err)
     tile = int(line.split("tile ")[1].split(",")[0])
     assert tile < 240 and tile % 8 == 0 and "of a 858.3 MiB budget, memory_budget given" in line
 
 
-def test_cli_explicit_tile_wins_over_the_budget(tiny_esc: Path, tmp_path: Path,
+def test_cli_explicit_tile_wins_over_the_budget(tiny_checkpoint: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     src = write_png(tmp_path / "in.png", 200, 240)
-    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--quiet", "--tile", "64",
+    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_checkpoint), "--quiet", "--tile", "64",
                  "--memory-budget", "100GB"]) == 0
     assert tiling_line(capsys.readouterr().err).startswith("tiling: tile 64, overlap 28, batch 4")
 
 
-def test_cli_bad_budget_is_a_usage_error(tiny_esc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_budget_is_a_usage_error(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_png(tmp_path / "in.png", 20, 20)
     with pytest.raises(SystemExit) as exit_info:
-        main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--memory-budget", "lots"])
+        main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_checkpoint), "--memory-budget", "lots"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--memory-budget: memory budget must be a size such as 4GB" in err
-    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_esc), "--memory-budget", "1KB"]) == 2
+    assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_checkpoint), "--memory-budget", "1KB"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: a memory budget of 1000 B cannot hold") and "raise --memory-budget" in err
     assert not (tmp_path / "a.png").exists()

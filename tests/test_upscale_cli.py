@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import png
 import pytest
-import torch
 
 from runtimes.imageio import read_image
 from runtimes.upscale import main
@@ -37,25 +36,6 @@ def real_inputs(shared_dir: Path) -> Path:
     path = shared_dir / "data" / "real_inputs"
     if not path.is_dir():
         pytest.skip(f"missing shared data: {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small but genuine ESC x2 checkpoint in the official format (``params_ema``)."""
-    from models.config import ESCConfig
-    from models.loader import build
-
-    config = ESCConfig(arch="esc", scale=2, dim=16, pdim=8, kernel_size=5, n_blocks=1, conv_blocks=1,
-                       window_size=8, num_heads=1)
-    model = build(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("plk_filter", "relative_position_bias")):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    path = tmp_path_factory.mktemp("tiny") / "tiny_esc_x2.pth"
-    torch.save({"params_ema": model.state_dict()}, path)
     return path
 
 
