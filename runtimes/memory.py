@@ -64,16 +64,17 @@ class RuntimeCost:
 #: ONNX Runtime's CPU arena keeps what a call reserved, and a call of another shape
 #: reserves more: one process running the four tile shapes of a 1024x1024 picture with
 #: 288-pixel tiles (288x288, 288x256, 256x288, 256x256) grew 3.6, 3.6, 6.9, 7.9 GiB after
-#: each call; a default run with 448-pixel tiles was killed by the kernel at 19.1 GB.
-#: Its cost therefore adds up every tile shape (``per_shape``; 12.7 GiB predicted for
-#: those four, 7.9 measured) until sessions run without the arena
-#: (``enable_cpu_mem_arena = False``: one call then returns to 4 MB after its 2.1 GB peak,
-#: measured), when ``per_shape`` can be dropped.
+#: each call; a default run with 448-pixel tiles was killed by the kernel at 19.1 GB. Even
+#: one shape is held twice: four 256x256 calls grew 2.8, 5.7, 5.7, 5.7 GiB (the second run
+#: adds its planned memory pattern to the first run's blocks). So ONNX Runtime is charged
+#: twice the fitted 46 KB per pixel for every tile shape (``per_shape``) until sessions
+#: run without the arena (``enable_cpu_mem_arena = False``: one call then returns to 4 MB
+#: after its 2.1 GB peak, measured), when the plain fit applies.
 #: Runtimes not measured here (Core ML, TensorRT) use the largest coefficient: an
 #: over-estimate, never an under-estimate.
 RUNTIME_COSTS: dict[str, RuntimeCost] = {
     "torch": RuntimeCost(per_pixel=41_700.0, per_call=22e6),
-    "onnxruntime": RuntimeCost(per_pixel=46_200.0, per_call=0.0, per_shape=True),
+    "onnxruntime": RuntimeCost(per_pixel=2 * 46_200.0, per_call=0.0, per_shape=True),
     "openvino": RuntimeCost(per_pixel=7_300.0, per_call=6e6),
 }
 FALLBACK_COST = RuntimeCost(per_pixel=max(c.per_pixel for c in RUNTIME_COSTS.values()),
