@@ -369,6 +369,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
             # int8: the QDQ graph carries its own precision; its float parts stay f32.
             runner = load(f"openvino:{path}", device="cpu", precision="fp32" if precision == "int8" else precision)
             out["runtime_version"] = ov.__version__
+            _check_openvino_precision(runner, precision)
         close = runner.close
 
         def call():
@@ -435,6 +436,17 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     out["status"] = "ok"
     out["reason"] = ""
     return out
+
+
+def _check_openvino_precision(runner, precision: str) -> None:
+    """A bf16/fp16 hint OpenVINO cannot honour (no such instructions) silently runs f32: skip the row."""
+    if precision not in ("bf16", "fp16"):
+        return
+    got = str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    if precision[-2:] not in got:
+        runner.close()
+        raise _Skip(f"OpenVINO runs {got} here when asked for {precision}: this CPU lacks the "
+                    f"{precision} instructions (AVX512_BF16 / AVX512_FP16 or AMX), so the row would be fp32")
 
 
 def _compiled_frames(torch) -> int:

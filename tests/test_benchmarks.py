@@ -185,3 +185,19 @@ def test_peer_rows_use_the_peer_interpreter(tmp_path: Path, monkeypatch: pytest.
             "--peer-python", sys.executable, "--out", str(tmp_path), "--no-plots"]
     assert bench.main(argv) == 0
     assert calls == [("esc_light", None), ("span", str(Path(sys.executable).absolute()))]
+
+
+def test_openvino_row_that_would_silently_run_fp32_is_skipped() -> None:
+    """OpenVINO ignores a bf16 hint on a CPU without bf16 instructions; that row must not pose as bf16."""
+    from types import SimpleNamespace
+
+    from benchmarks import measure
+
+    def runner(got: str) -> SimpleNamespace:
+        return SimpleNamespace(compiled=SimpleNamespace(get_property=lambda name: f"<Type: '{got}'>"),
+                               close=lambda: None)
+
+    with pytest.raises(measure._Skip, match="runs <type: 'float32'> here when asked for bf16"):
+        measure._check_openvino_precision(runner("float32"), "bf16")
+    measure._check_openvino_precision(runner("bfloat16"), "bf16")   # honoured: no skip
+    measure._check_openvino_precision(runner("float32"), "fp32")

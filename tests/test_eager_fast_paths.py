@@ -63,3 +63,16 @@ def test_cpu_sdpa_fast_path_matches_the_naive_attention() -> None:
         attn.backend = NaiveBackend()
         ref = attn(x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+
+
+def test_grouped_form_reproduces_a_golden_vector(golden_dir) -> None:
+    """The whole deployed network in the eager fast form still reproduces upstream's output (1e-4, the
+    golden tolerance: fp32 summation order only)."""
+    from models import load_model
+
+    model = load_model(golden_dir / "esc_light_x4_35x35_b1.pth", attention="sdpa", deploy=True)
+    model.set_dynamic_kernel_form("grouped")
+    io = torch.load(golden_dir / "esc_light_x4_35x35_b1.io.pt", weights_only=True)
+    with torch.inference_mode():
+        out = model(io["lr"])
+    assert (out - io["sr"]).abs().max().item() < 1e-4
