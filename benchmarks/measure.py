@@ -235,16 +235,18 @@ def _export_onnx(spec: dict[str, Any], model, precision: str) -> Path:
 
 
 def _export_peer_onnx(model, path: Path, precision: str, h: int, w: int) -> None:
-    """A peer (no ESC descriptor, so not export.onnx_export's job): torch.onnx's dynamo exporter at
-    opset 18, one fixed shape, weights inside the file. The ONNX Runtime / OpenVINO row that runs
-    the file is the check that it works."""
+    """A peer (no ESC descriptor, so not export.onnx_export's job): one fixed shape, weights inside.
+
+    TorchScript's exporter (opset 17): in the peer environment (torch 2.14.1 CUDA build on a
+    CPU) the dynamo exporter crashed the process (SIGSEGV in run_decompositions) on SPAN;
+    the TorchScript one exports it and ONNX Runtime matches PyTorch within 2e-5. The
+    ONNX Runtime / OpenVINO row that runs the file is the check that it works.
+    """
     import torch
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    net = model.to(dtype)
-    program = torch.onnx.export(net, (torch.rand(1, 3, h, w, dtype=dtype),), dynamo=True, opset_version=18,
-                                input_names=["lr"], output_names=["sr"], verbose=False)
-    program.save(str(path), external_data=False)
+    torch.onnx.export(model.to(dtype), (torch.rand(1, 3, h, w, dtype=dtype),), str(path), dynamo=False,
+                      opset_version=17, input_names=["lr"], output_names=["sr"])
 
 
 def _sync(torch, device: str) -> None:
@@ -325,7 +327,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     if runtime == "torch":
         from runtimes.base import load
 
-        runner = load(model, device=device, precision=precision)
+        runner = load(model, device=device, precision=precision, scale=spec["scale"])
         if hasattr(runner.model, "set_dynamic_kernel_form"):  # ESC: the eager fast form (one grouped conv)
             runner.model.set_dynamic_kernel_form("grouped")
             out["dynamic_kernel_form"] = "grouped"
@@ -605,7 +607,7 @@ def runtime_unavailable(runtime: str, device: str, precision: str) -> str | None
     if precision == "fp16" and runtime in ("torch", "torch_compile") and not device.startswith("cuda"):
         return "fp16 needs CUDA for PyTorch (CPU half-precision convolutions are missing or much slower)"
     if precision == "bf16" and runtime in ("torch", "torch_compile") and not device.startswith("cuda"):
-        return ("PyTorch bf16 on this CPU (AVX-512 bf16, no AMX) is slower than fp32: a 16-channel 13x13 "
+        return ("PyTorch bf16 convolutions on a CPU without AMX are slower than fp32: a 16-channel 13x13 "
                 "convolution at 128x128 measured 7x (channels-last) to 60x (NCHW) slower in oneDNN")
     if precision == "bf16" and runtime == "onnxruntime":
         return "ONNX Runtime's CPU execution provider has no bf16 Conv/MatMul kernels on x86 (OpenVINO's row is the bf16 one)"
