@@ -76,3 +76,16 @@ def test_grouped_form_reproduces_a_golden_vector(golden_dir) -> None:
     with torch.inference_mode():
         out = model(io["lr"])
     assert (out - io["sr"]).abs().max().item() < 1e-4
+
+
+def test_cpu_sdpa_takes_the_flash_kernel() -> None:
+    """The point of the fast path: the math kernel (full scores + NaN guards) must not run on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    attn = WindowAttention(32, 8, 2).eval()
+    x = torch.randn(1, 32, 16, 16)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        attn(x)
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
