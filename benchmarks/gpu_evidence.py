@@ -425,7 +425,7 @@ def write_json(path: Path, data: Any, plan: Plan) -> None:
 
 
 # -- main --------------------------------------------------------------------------------------------
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpu_evidence", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -438,6 +438,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "written as not measured (default 420: the run ends within 8 minutes)")
     parser.add_argument("--tests-timeout-s", type=float, default=180.0, help="limit for the GPU tests (default 180)")
     parser.add_argument("--skip-tests", action="store_true", help="tables only")
+    return parser
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeat < 20 and not args.dry_run:
         parser.error(f"--repeat must be >= 20 on the GPU (a median of fewer calls is noise), got {args.repeat}")

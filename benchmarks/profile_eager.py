@@ -29,8 +29,8 @@ from models.layers import DYNAMIC_KERNEL_FORMS  # noqa: E402
 from runtimes.cli_args import SIZE_SYNTAX, parse_size  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python benchmarks/profile_eager.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="esc", help="ESC variant (default esc)")
     parser.add_argument("--scale", type=int, default=4, choices=(2, 3, 4))
     parser.add_argument("--size", type=parse_size, default=(128, 128), metavar="WIDTHxHEIGHT",
@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--form", default="grouped", choices=DYNAMIC_KERNEL_FORMS,
                         help="dynamic 3x3 form (default grouped, the eager fast form)")
     parser.add_argument("--rows", type=int, default=20, help="operator rows to print (default 20)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: time does not depend on them

@@ -79,10 +79,13 @@ def add_runner_args(parser: argparse.ArgumentParser, artifact_help: str) -> None
                        help="attention back-end of a checkpoint artifact's PyTorch runner (default sdpa)")
     group.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the artifact's runtime")
     group.add_argument("--tile", type=positive_int, default=None,
-                       help="model input size per call (default: whole image; fixed-shape artifacts use their own)")
-    group.add_argument("--overlap", type=non_negative_int, default=16,
-                       help="context pixels around each tile (default 16)")
-    group.add_argument("--batch-size", type=positive_int, default=4, help="tiles per model call (default 4)")
+                       help="model input size per call (default: chosen from the memory budget; "
+                            "fixed-shape artifacts use their own)")
+    group.add_argument("--overlap", type=non_negative_int, default=None,
+                       help="context pixels around each tile (default: the model's context, 96 for ESC, "
+                            "chosen with the tile)")
+    group.add_argument("--batch-size", type=positive_int, default=None,
+                       help="tiles per model call (default: as many as the memory budget holds, at most 4)")
 
 
 def runner_options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:

@@ -46,6 +46,8 @@ PROGRAMS = {
     "python -m models.params": "models.params",
     "python -m benchmarks.table": "benchmarks.table",
     "python -m benchmarks.serve_bench": "benchmarks.serve_bench",
+    "python benchmarks/gpu_evidence.py": "benchmarks.gpu_evidence",
+    "python benchmarks/profile_eager.py": "benchmarks.profile_eager",
 }
 
 

@@ -97,6 +97,12 @@ def _erf32(x: np.ndarray) -> np.ndarray:
     return scipy_erf(x)
 
 
+@kernel("sigmoid")
+def _sigmoid(c: Call) -> np.ndarray:
+    """Logistic function (ESC-RIB's gate), evaluated in float64 so large |x| neither overflows nor loses bits."""
+    x = as_f32(c.x()).astype(np.float64)
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
 
 @kernel("gelu")
 def _gelu(c: Call) -> np.ndarray:
