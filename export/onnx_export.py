@@ -405,7 +405,7 @@ def translate(trace: Trace, opset: int = 18) -> "onnx.ModelProto":
         proto = clean_graph(program.model)
     proto.ir_version = IR_VERSION
     _strip_node_metadata(proto)
-    _name_dims(proto, trace)
+    name_dims(proto, trace.reference.scale)
     return proto
 
 
@@ -419,11 +419,13 @@ def _strip_node_metadata(proto: "onnx.ModelProto") -> None:
     del proto.metadata_props[:]
 
 
-def _name_dims(proto: "onnx.ModelProto", trace: Trace) -> None:
-    """Give the symbolic dims readable names: batch, height, width, <s>*height, <s>*width."""
+def name_dims(proto: "onnx.ModelProto", scale: int | None) -> None:
+    """Give the symbolic dims readable names: batch, height, width, <s>*height, <s>*width.
+
+    Shared with the plugin-form export so both artifacts show users the same dim names.
+    """
     import re
 
-    scale = trace.reference.scale
     mapping: dict[str, str] = {}
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
@@ -438,7 +440,7 @@ def _name_dims(proto: "onnx.ModelProto", trace: Trace) -> None:
                 d.dim_param = pattern.sub(lambda m: mapping[m.group(1)], d.dim_param)
     out = proto.graph.output[0].type.tensor_type.shape.dim
     for axis, name in ((2, "height"), (3, "width")):
-        if axis < len(out) and out[axis].dim_param:
+        if scale and axis < len(out) and out[axis].dim_param:
             out[axis].dim_param = f"{scale}*{name}"
 
 

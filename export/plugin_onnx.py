@@ -189,8 +189,6 @@ def translate_plugin(program: torch.export.ExportedProgram, opset: int = 18, aot
 
 def _clean_names(proto: "onnx.ModelProto", scale: int | None) -> None:
     """Drop node metadata, name the plugin nodes after their block, name the symbolic dims."""
-    import re
-
     tables: dict[str, str] = {}
     for node in proto.graph.node:
         del node.metadata_props[:]
@@ -202,22 +200,9 @@ def _clean_names(proto: "onnx.ModelProto", scale: int | None) -> None:
     for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         del value.metadata_props[:]
     del proto.metadata_props[:]
-    mapping: dict[str, str] = {}
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
-        if axis < len(dims) and dims[axis].dim_param:
-            mapping[dims[axis].dim_param] = name
-    if mapping:
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")\b")
-        for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-            for d in value.type.tensor_type.shape.dim:
-                if d.dim_param:
-                    d.dim_param = pattern.sub(lambda m: mapping[m.group(1)], d.dim_param)
-        out = proto.graph.output[0].type.tensor_type.shape.dim
-        if scale:
-            for axis, name in ((2, "height"), (3, "width")):
-                if axis < len(out) and out[axis].dim_param:
-                    out[axis].dim_param = f"{scale}*{name}"
+    from export.onnx_export import name_dims
+
+    name_dims(proto, scale)
 
 
 def add_float32_io(proto: "onnx.ModelProto", elem_type: int) -> None:
