@@ -22,7 +22,7 @@ SIZE_SYNTAX = "WIDTHxHEIGHT, e.g. 1280x720"
 
 #: Runner flags passed to :func:`runtimes.load` only when given: a runner refuses by name
 #: an option it cannot use, so an unset flag must not reach it.
-_LOAD_OPTIONS = ("provider", "precision", "attention", "threads")
+_LOAD_OPTIONS = ("provider", "precision", "attention", "threads", "variant")
 
 
 class SizeSyntaxError(argparse.ArgumentTypeError, ValueError):
@@ -78,6 +78,9 @@ def add_runner_args(parser: argparse.ArgumentParser, artifact_help: str) -> None
     group.add_argument("--attention", default=None,
                        help="attention back-end of a checkpoint artifact's PyTorch runner (default sdpa)")
     group.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the artifact's runtime")
+    group.add_argument("--variant", default=None,
+                       help="variant of a checkpoint artifact when its weights cannot say (e.g. sst_plus vs sst: "
+                            "window sizes are not in the weights); default: recognised from the keys and file name")
     group.add_argument("--tile", type=positive_int, default=None,
                        help="model input size per call (default: chosen from the memory budget; "
                             "fixed-shape artifacts use their own)")

@@ -216,3 +216,23 @@ def test_upscale_and_parity_share_the_runner_flags() -> None:
     assert runner_options(up) == runner_options(par) == {"provider": "cuda", "threads": 2}
     assert (up.tile, up.overlap, up.batch_size) == (par.tile, par.overlap, par.batch_size) == (64, 8, None)
     assert runner_options(up, scale=up.scale) == runner_options(up)  # --scale not given: not passed on
+
+
+def test_variant_flag_picks_sst_for_a_file_named_without_plus(shared_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """SST and SST+ differ only in window sizes, which the weights do not hold: --variant decides."""
+    source = shared_dir / "golden_rib" / "sst_x4_40x52_b1.pth"
+    if not source.is_file():
+        pytest.skip(f"missing shared data: {source}")
+    weights = tmp_path / "my_weights.pth"  # a name that says neither sst nor plus
+    shutil.copy(source, weights)
+    src = tmp_path / "tiny.png"
+    png.from_array(np.random.default_rng(0).integers(0, 256, (8, 10 * 3), dtype=np.uint8), "RGB").save(str(src))
+    common = [str(src), str(tmp_path / "tiny_x4.png"), "--artifact", str(weights), "--threads", "1", "--quiet"]
+
+    assert main(common) != 0
+    err = capsys.readouterr().err
+    assert "both sst (" in err and "sst_plus (" in err, err  # the refusal names both candidates
+
+    assert main([*common, "--variant", "sst"]) == 0, capsys.readouterr().err
+    assert read_image(tmp_path / "tiny_x4.png").width == 40

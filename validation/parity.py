@@ -352,12 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         if weights is None:
             raise RunnerError(f"--weights is required: {args.artifact} is not a PyTorch checkpoint, so the "
                               f"reference model must be given as one (.pth / .safetensors / official:NAME)")
-        runner = load(args.artifact, device=args.device, **runner_options(args))
+        options = runner_options(args)
+        # --variant names what the checkpoint holds: the reference's, and the artifact's only if it is one too.
+        variant = options.get("variant") if is_checkpoint else options.pop("variant", None)
+        runner = load(args.artifact, device=args.device, **options)
         if torch.device(args.reference_device).type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         reference = load(weights if runner_class_for(weights).name == "torch" else f"torch:{weights}",
-                         device=args.reference_device, precision="fp32")
+                         device=args.reference_device, precision="fp32", **({"variant": variant} if variant else {}))
         threshold = None
         if args.atol is not None or args.min_psnr is not None:
             base = THRESHOLDS.get(runner.precision, THRESHOLDS["fp32"])
