@@ -328,3 +328,19 @@ def test_esc_rib_fp32_package_matches_pytorch(tmp_path):
     reference = load_model(ckpt, attention="naive")
     res = ce.function_parity(result.path, reference, lr, "fp32")
     assert res.max_abs < FP32_ATOL, res.summary()
+
+
+def test_sst_fp32_package_matches_pytorch(tmp_path):
+    """SST x4 (golden weights, file named without 'plus', so the model is named): interpreter vs PyTorch <= 1e-4."""
+    from models import load_model
+
+    ckpt = GOLDEN_RIB / "sst_x4_40x52_b1.pth"
+    if not ckpt.is_file():
+        pytest.skip(f"missing golden checkpoint {ckpt}")
+    lr = torch.load(GOLDEN_RIB / "sst_x4_40x52_b1.io.pt", weights_only=True)["lr"]
+    cfg = ce.resolve_config("sst", None, str(ckpt), input_size=f"{lr.shape[-1]}x{lr.shape[-2]}", precision="fp32",
+                            output=tmp_path / "sst.mlpackage")
+    result = ce.export_coreml(cfg)
+    assert result.report.ok and result.report.metadata["esc.variant"] == "sst", result.report.problems
+    res = ce.function_parity(result.path, load_model(ckpt, attention="naive", variant="sst"), lr, "fp32")
+    assert res.max_abs < FP32_ATOL, res.summary()
