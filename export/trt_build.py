@@ -381,6 +381,9 @@ def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", pr
     if typing not in TYPINGS:
         raise TrtBuildError(f"typing must be strong or weak, got {typing!r}")
     gp = graph_precision(precision, typing)
+    if attention == "plugin" and not any(name.endswith("relative_position_bias") for name, _ in model.named_parameters()):
+        raise TrtBuildError(f"{model.descriptor.variant} has no relative-position bias table for the window-attention "
+                            f"plugin (its attention is bias-free): use --attention native (TensorRT >= 10.14)")
     if attention == "native" and gp == "bf16":
         raise TrtBuildError("a bf16 graph is available with --attention plugin only (export.onnx_export writes "
                             "fp32 and fp16); use --attention plugin, --precision fp16, or --typing weak")
@@ -405,8 +408,10 @@ def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", pr
             import copy
 
             native = copy.deepcopy(model).set_attention("sdpa")
+        # attention_form="native": one mask-free or masked Attention per layer, whatever ONNX Runtime prefers.
         report = ox.export_onnx(native, path, opset=opset, precision=gp, fp32_io=True, shape="dynamic",
-                                batch="dynamic", weights_sha256=weights_sha256, progress=progress)
+                                batch="dynamic", weights_sha256=weights_sha256, attention_form="native",
+                                progress=progress)
     # The metadata as written (the one schema), whichever exporter wrote it.
     return OnnxStep(path, False, report.summary_rows(), read_onnx_metadata(path), time.perf_counter() - start)
 

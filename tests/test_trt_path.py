@@ -868,3 +868,18 @@ def test_to_trt_native_attention_gate_message(golden_dir: Path, tmp_path: Path) 
     assert run.returncode == 2, run.stderr[-3000:]
     assert "missing: TensorRT 10.13.2 cannot parse the ONNX Attention op (opset 23)" in run.stderr
     assert "from TensorRT 10.14" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bias_free_models_are_refused_the_plugin_form(tmp_path: Path) -> None:
+    """ESC-RIB/SST attention has no bias table for the plugin: the refusal names the native path, before any export."""
+    import warnings
+
+    from export.trt_build import TrtBuildError, export_for_trt
+    from models import create_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        model = create_model("esc_rib", 4)
+    with pytest.raises(TrtBuildError, match="--attention native"):
+        export_for_trt(model, tmp_path / "rib.engine", attention="plugin", precision="fp32")
+    assert not list(tmp_path.iterdir())  # nothing written
