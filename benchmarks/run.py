@@ -74,9 +74,11 @@ from benchmarks.measure import (  # noqa: E402
     runtime_unavailable)
 from benchmarks.quality import DEFAULT_DATA  # noqa: E402
 from benchmarks.report import add_roofline, markdown_table, write_outputs  # noqa: E402
+from models.config import VARIANTS  # noqa: E402
 from runtimes.cli_args import SIZE_SYNTAX, parse_size  # noqa: E402
 
-ESC_MODELS = ("esc", "esc_light", "esc_fp", "esc_real", "esc_xl")
+#: Every registered variant: the ESC family and its successors (ESC-RIB, SST).
+ESC_MODELS = tuple(VARIANTS)
 
 PEERS = ("swinir_light", "omnisr", "span")
 
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="esc,esc_light,esc_fp",
-                   help=f"comma-separated ESC variants ({', '.join(ESC_MODELS)}) or 'none'. Default: %(default)s")
+                   help=f"comma-separated model variants ({', '.join(ESC_MODELS)}) or 'none'. Default: %(default)s")
     p.add_argument("--peers", default="none",
                    help=f"comma-separated peer models built from spandrel ({', '.join(PEERS)}) or 'none' "
                         f"(default); needs spandrel (pip install -e .[peers]) and a matching torchvision")
