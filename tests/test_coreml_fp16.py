@@ -57,7 +57,7 @@ _CASES = {
     "real_div": {"x": _A, "y": _A + 4}, "floor_div": {"x": _A, "y": np.float32(0.3)},
     "equal": {"x": _A, "y": _A[:, :1]}, "less": {"x": _A, "y": np.float32(0)}, "greater_equal": {"x": _A, "y": np.float32(0)},
     "gelu": {"x": _A, "mode": "EXACT"}, "clip": {"x": _A, "alpha": np.float32(-0.5), "beta": np.float32(0.5)},
-    "leaky_relu": {"x": _A, "alpha": np.float32(0.1)}, "select": {"cond": _A > 0, "a": _A, "b": -_A},
+    "leaky_relu": {"x": _A, "alpha": np.float32(0.1)}, "sigmoid": {"x": _A}, "select": {"cond": _A > 0, "a": _A, "b": -_A},
     "cast": {"x": _A, "dtype": "int32"}, "reduce_mean": {"x": _A, "axes": [2, 3], "keep_dims": True},
     "reduce_sum": {"x": _A, "axes": [1], "keep_dims": False}, "softmax": {"x": _A, "axis": 1},
     "layer_norm": {"x": _A, "axes": [1], "epsilon": np.float32(1e-5)}, "matmul": {"x": _A, "y": _B},
