@@ -61,20 +61,23 @@ class RuntimeCost:
 #: scores too); onnxruntime 33/38/44/45 KB, and 46 KB for one 320x320 call; OpenVINO
 #: 6.4/6.2/5.9/5.7 KB, but a whole 1024x1024 esc_light x4 upscale peaked at 8.0 GB RSS
 #: (7.3 KB per pixel with everything else counted), so 7.3 KB is used.
-#: ONNX Runtime's CPU arena keeps what a call reserved, and a call of another shape
-#: reserves more: one process running the four tile shapes of a 1024x1024 picture with
-#: 288-pixel tiles (288x288, 288x256, 256x288, 256x256) grew 3.6, 3.6, 6.9, 7.9 GiB after
-#: each call; a default run with 448-pixel tiles was killed by the kernel at 19.1 GB. Even
-#: one shape is held twice: four 256x256 calls grew 2.8, 5.7, 5.7, 5.7 GiB (the second run
-#: adds its planned memory pattern to the first run's blocks). So ONNX Runtime is charged
-#: twice the fitted 46 KB per pixel for every tile shape (``per_shape``) until sessions
-#: run without the arena (``enable_cpu_mem_arena = False``: one call then returns to 4 MB
-#: after its 2.1 GB peak, measured), when the plain fit applies.
+#: ONNX Runtime's CPU arena kept what a call reserved, and a call of another shape
+#: reserved more: one process running the four tile shapes of a 1024x1024 picture with
+#: 288-pixel tiles grew 3.6, 3.6, 6.9, 7.9 GiB after each call, and a default run with
+#: 448-pixel tiles was killed by the kernel at 19.1 GB. Sessions now run without the arena
+#: (:func:`runtimes.onnx_runner._session_options_for`): five calls of 256x256, 256x224,
+#: 224x256, 224x224, 256x256 then held 0.5-0.8 GiB after each with a 1.7 GiB peak
+#: (esc_light x4, quiet 2-core EPYC, 2026-12-03). The ONNX cost is that of the
+#: attention form in the graph, measured the same way (fresh process per point):
+#: chunked (the default below opset 23) 3.2/18.6/15.2/15.8 KB per pixel at 128/256/384/512
+#: (esc x4), native opset-23 Attention 31.2/25.7 KB at 256/384 (fit: 21.4 KB + 613 MB),
+#: mha 46.8/45.7 KB at 256/384 (fit: 44.8 KB + 124 MB). The charge is the largest of
+#: them, since the planner does not know the form: 46.8 KB per pixel + 124 MB per call.
 #: Runtimes not measured here (Core ML, TensorRT) use the largest coefficient: an
 #: over-estimate, never an under-estimate.
 RUNTIME_COSTS: dict[str, RuntimeCost] = {
     "torch": RuntimeCost(per_pixel=41_700.0, per_call=22e6),
-    "onnxruntime": RuntimeCost(per_pixel=2 * 46_200.0, per_call=0.0, per_shape=True),
+    "onnxruntime": RuntimeCost(per_pixel=46_800.0, per_call=124e6),
     "openvino": RuntimeCost(per_pixel=7_300.0, per_call=6e6),
 }
 FALLBACK_COST = RuntimeCost(per_pixel=max(c.per_pixel for c in RUNTIME_COSTS.values()),

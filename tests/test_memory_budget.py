@@ -71,13 +71,13 @@ def test_a_smaller_budget_gives_smaller_tiles_then_smaller_batches() -> None:
     tiny = plan(base + cost.call_bytes(64 * 64) + 1)
     assert tiny.tile == 64 and tiny.overlap == 16 and tiny.batch_size == 1
     # Many small tiles: the batch grows with the room, up to MAX_BATCH (a runtime that
-    # holds memory per call shape, as ONNX Runtime's arena does, runs one tile per call).
+    # holds memory per call shape, as an unmeasured one is assumed to, runs one tile per call).
     torch_cost = RUNTIME_COSTS["torch"]
     batched = plan_tiles(size, scale, "torch", int(base + 4 * GIB), "test", align=32, context=96, tile=128)
     single = plan_tiles(size, scale, "torch", int(base + torch_cost.call_bytes(128 * 128) * 1.5), "test",
                         align=32, context=96, tile=128)
     assert batched.batch_size == 4 and single.batch_size == 1
-    assert plan_tiles(size, scale, "onnxruntime", int(base + 4 * GIB), "test", align=32, context=96,
+    assert plan_tiles(size, scale, "coreml", int(base + 4 * GIB), "test", align=32, context=96,
                       tile=128).batch_size == 1
     with pytest.raises(BudgetError, match="cannot hold this 768x1024 upscale on onnxruntime"):
         plan(base)
@@ -94,14 +94,31 @@ def test_the_runtime_coefficient_decides_the_tile() -> None:
 
 
 def test_a_runtime_that_holds_memory_per_shape_is_charged_for_every_tile_shape() -> None:
-    """ONNX Runtime's arena keeps each shape's blocks (measured): 1000 px with 288-px tiles on
-    the 32-px grid gives 288- and 232-px windows, so four shapes are held at the peak."""
-    ort, torch_cost = RUNTIME_COSTS["onnxruntime"], RUNTIME_COSTS["torch"]
-    assert ort.per_shape and not torch_cost.per_shape
-    p = plan_tiles((1000, 1000), 4, "onnxruntime", 100 * GIB, "test", align=32, context=96, tile=288)
-    assert p.estimate == pytest.approx(image_bytes(1000, 1000, 1, 4) + ort.call_bytes((288 + 256) ** 2))
+    """A runtime not measured here is assumed to keep each shape's blocks (as ONNX Runtime's
+    arena did): 1000 px with 288-px tiles on the 32-px grid gives 288- and 232-px windows, so
+    four shapes are held at the peak. The measured runtimes give memory back after a call."""
+    from runtimes.memory import FALLBACK_COST
+
+    assert FALLBACK_COST.per_shape and not any(c.per_shape for c in RUNTIME_COSTS.values())
+    p = plan_tiles((1000, 1000), 4, "coreml", 100 * GIB, "test", align=32, context=96, tile=288)
+    assert p.estimate == pytest.approx(image_bytes(1000, 1000, 1, 4) + FALLBACK_COST.call_bytes((288 + 256) ** 2))
+    torch_cost = RUNTIME_COSTS["torch"]
     q = plan_tiles((1000, 1000), 4, "torch", 100 * GIB, "test", align=32, context=96, tile=288, batch_size=1)
     assert q.estimate == pytest.approx(image_bytes(1000, 1000, 1, 4) + torch_cost.call_bytes(288 * 288))
+
+
+def test_onnx_runtime_sessions_run_without_the_cpu_arena(tmp_path: Path) -> None:
+    """The arena kept every tile shape's blocks (7.9 GiB after four shapes of a 1024x1024
+    picture); the ONNX Runtime cost in RUNTIME_COSTS assumes it is off."""
+    from runtimes.onnx_runner import OnnxModelInfo, _session_options_for
+
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["lr"], ["sr"])], "g",
+                                   [onnx.helper.make_tensor_value_info("lr", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+                                   [onnx.helper.make_tensor_value_info("sr", onnx.TensorProto.FLOAT, [1, 3, 4, 4])])
+    path = tmp_path / "identity.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    assert _session_options_for(OnnxModelInfo(str(path))).enable_cpu_mem_arena is False
 
 
 def test_explicit_values_win() -> None:
