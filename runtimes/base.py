@@ -310,11 +310,17 @@ class Runner(ABC):
             raise RunnerError("pass either tile or fixed_shape, not both")
         return tile, (tuple(fixed_shape) if fixed_shape is not None else None)  # type: ignore[return-value]
 
+    @property
+    def memory_cost_key(self) -> str:
+        """Row of :data:`runtimes.memory.RUNTIME_COSTS` the planner charges: the runtime's
+        name, unless a runner's cost depends on how it runs the model (it overrides this)."""
+        return self.name
+
     def plan_tiles(self, size: tuple[int, int], images: int = 1, **options: Unpack[TileOptions]) -> TilePlan:
         """The tile, overlap and batch :meth:`upscale` uses for ``images`` pictures of ``size`` (H, W).
 
         Given options win; the rest comes from :func:`runtimes.memory.plan_tiles` with this
-        runner's per-pixel cost (:attr:`name`), its :meth:`tiling_grid` and the memory
+        runner's per-pixel cost (:attr:`memory_cost_key`), its :meth:`tiling_grid` and the memory
         budget (``memory_budget`` bytes, default a safe share of free memory on
         :attr:`device`). Public so a caller can print the plan or reuse it for a
         reference run (parity tiles the reference exactly like the candidate).
@@ -327,7 +333,7 @@ class Runner(ABC):
             tile = max(window)
         max_tile = self.default_tile(size) if tile is None else None
         try:
-            return plan_tiles(size, self.scale, self.name, budget, source, images=images, align=align,
+            return plan_tiles(size, self.scale, self.memory_cost_key, budget, source, images=images, align=align,
                               context=context, tile=tile, overlap=options.get("overlap"),
                               batch_size=options.get("batch_size"), max_tile=max_tile)
         except BudgetError as exc:

@@ -51,7 +51,7 @@ class RuntimeCost:
         return self.per_call + self.per_pixel * pixels
 
 
-#: Peak RSS growth per model call, by :attr:`runtimes.base.Runner.name`: least-squares
+#: Peak RSS growth per model call, by :attr:`runtimes.base.Runner.memory_cost_key`: least-squares
 #: lines through one fp32 call (batch 1) of 64x64, 128x128, 192x192 and 256x256 random
 #: tiles of the golden esc x4 checkpoint (dim 64, 4 heads, 32x32 windows: every ESC variant
 #: but esc_xl), each in a fresh process, VmHWM minus VmRSS before the call
@@ -61,6 +61,11 @@ class RuntimeCost:
 #: scores too); onnxruntime 33/38/44/45 KB, and 46 KB for one 320x320 call; OpenVINO
 #: 6.4/6.2/5.9/5.7 KB, but a whole 1024x1024 esc_light x4 upscale peaked at 8.0 GB RSS
 #: (7.3 KB per pixel with everything else counted), so 7.3 KB is used.
+#: That torch figure is for attention that materialises the scores (naive, or SDPA before
+#: it took the flash kernel); it stays the charge for those back-ends and for models not
+#: measured. ESC with SDPA now runs the flash kernel on unit-stride q/k/v: 1.8/4.4/3.9/4.1
+#: KB per pixel at 128/256/384/512 (golden esc x4, quiet 2-core EPYC, 2026-12-03), so
+#: ``torch:esc-sdpa`` is charged 4.4 KB.
 #: ONNX Runtime's CPU arena kept what a call reserved, and a call of another shape
 #: reserved more: one process running the four tile shapes of a 1024x1024 picture with
 #: 288-pixel tiles grew 3.6, 3.6, 6.9, 7.9 GiB after each call, and a default run with
@@ -77,6 +82,7 @@ class RuntimeCost:
 #: over-estimate, never an under-estimate.
 RUNTIME_COSTS: dict[str, RuntimeCost] = {
     "torch": RuntimeCost(per_pixel=41_700.0, per_call=22e6),
+    "torch:esc-sdpa": RuntimeCost(per_pixel=4_400.0, per_call=22e6),
     "onnxruntime": RuntimeCost(per_pixel=46_800.0, per_call=124e6),
     "openvino": RuntimeCost(per_pixel=7_300.0, per_call=6e6),
 }

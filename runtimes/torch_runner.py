@@ -127,6 +127,12 @@ class TorchRunner(Runner):
         self.attention: str | None = getattr(self.model, "attention", None)
         self.fixed_shape = None
 
+    @property
+    def memory_cost_key(self) -> str:
+        """``torch:esc-sdpa`` for ESC with SDPA (measured: no score matrices), else ``torch``,
+        the cost of a back-end that materialises them (naive) or was not measured."""
+        return "torch:esc-sdpa" if self.arch == "esc" and self.attention == "sdpa" else "torch"
+
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         out = self.model(batch.to(device=self.device, dtype=self.dtype))
         return out.to(device=batch.device, dtype=torch.float32)

@@ -201,12 +201,22 @@ def test_cli_says_what_it_chose_and_a_tight_budget_tiles(tiny_checkpoint: Path, 
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     src = write_png(tmp_path / "in.png", 200, 240)
     assert main([str(src), str(tmp_path / "a.png"), "--artifact", str(tiny_checkpoint), "--quiet"]) == 0
-    assert tiling_line(capsys.readouterr().err).startswith("tiling: whole image per call, batch 1 (torch: ~")
+    assert tiling_line(capsys.readouterr().err).startswith("tiling: whole image per call, batch 1 (torch:esc-sdpa: ~")
     assert main([str(src), str(tmp_path / "b.png"), "--artifact", str(tiny_checkpoint), "--quiet",
-                 "--memory-budget", "900MB"]) == 0
+                 "--memory-budget", "150MB"]) == 0
     line = tiling_line(capsys.readouterr().err)
     tile = int(line.split("tile ")[1].split(",")[0])
-    assert tile < 240 and tile % 8 == 0 and "of a 858.3 MiB budget, memory_budget given" in line
+    assert tile < 240 and tile % 8 == 0 and "of a 143.1 MiB budget, memory_budget given" in line
+
+
+def test_torch_cost_follows_the_attention_back_end(tiny_checkpoint: Path) -> None:
+    """ESC with SDPA runs the flash kernel (measured ~4 KB per pixel); naive attention holds the
+    score matrices (~42 KB), so the same budget gives it smaller tiles."""
+    sdpa, naive = load(tiny_checkpoint), load(tiny_checkpoint, attention="naive")
+    assert (sdpa.memory_cost_key, naive.memory_cost_key) == ("torch:esc-sdpa", "torch")
+    budget = int(image_bytes(1024, 1024, 1, 2) + RUNTIME_COSTS["torch"].call_bytes(256 * 256))
+    small, large = (r.plan_tiles((1024, 1024), memory_budget=budget) for r in (naive, sdpa))
+    assert small.tile is not None and small.tile <= 256 and (large.tile is None or large.tile > 2 * small.tile)
 
 
 def test_cli_explicit_tile_wins_over_the_budget(tiny_checkpoint: Path, tmp_path: Path,
