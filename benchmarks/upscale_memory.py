@@ -60,7 +60,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"max_levels": int(diff.max()), "identical": float((diff == 0).mean())}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/upscale_memory.py", description=__doc__.split("\n\n")[2],
         epilog="example:\n  python benchmarks/upscale_memory.py --weights ../shared/golden/esc_light_x4_35x35_b1.pth "
@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default=(1024, 1024), help=f"input size, {SIZE_SYNTAX}")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, from " + ", ".join(RUNTIMES))
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/upscale_memory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     unknown = sorted(set(runtimes) - set(RUNTIMES))

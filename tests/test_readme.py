@@ -48,6 +48,7 @@ PROGRAMS = {
     "python -m benchmarks.serve_bench": "benchmarks.serve_bench",
     "python benchmarks/gpu_evidence.py": "benchmarks.gpu_evidence",
     "python benchmarks/profile_eager.py": "benchmarks.profile_eager",
+    "python benchmarks/upscale_memory.py": "benchmarks.upscale_memory",
 }
 
 
