@@ -80,7 +80,9 @@ def quantize_int8(fp32_onnx: Path, output: Path, calibration: list[np.ndarray]) 
         quantize_static,
     )
 
-    input_name = onnx.load(str(fp32_onnx), load_external_data=False).graph.input[0].name
+    model = onnx.load(str(fp32_onnx))
+    input_name = model.graph.input[0].name
+    untied = untie_conv_initializers(model)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -91,14 +93,47 @@ def quantize_int8(fp32_onnx: Path, output: Path, calibration: list[np.ndarray]) 
             return None if item is None else {input_name: item}
 
     tmp = output.with_name(f".{output.stem}.tmp.onnx")
+    source = output.with_name(f".{output.stem}.untied.onnx")
     try:
-        quantize_static(str(fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        if untied:
+            onnx.save(model, str(source))
+        quantize_static(str(source if untied else fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(INT8_OPS))
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
     return output
+
+
+def untie_conv_initializers(model: Any) -> int:
+    """Give every Conv its own copy of a weight or bias it shares with another Conv; returns the copies made.
+
+    Why: ESC-FP's blocks share their large-kernel tensors, and ONNX Runtime's quantiser
+    (1.32) then wrote a graph ONNX Runtime refuses ("Duplicate definition of name");
+    with one copy per Conv each gets its own quantisation parameters and the graph loads.
+    """
+    import onnx
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    seen: set[str] = set()
+    copies = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        for index, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            if name in seen:
+                twin = onnx.TensorProto()
+                twin.CopyFrom(initializers[name])
+                twin.name = f"{name}__{node.name or copies}"
+                model.graph.initializer.append(twin)
+                node.input[index] = twin.name
+                copies += 1
+            seen.add(name)
+    return copies
 
 
 def cost_vs_fp32(reference: np.ndarray, candidate: np.ndarray, precision: str) -> dict[str, Any]:
