@@ -194,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             existing = list(old.get("rows", []))
             flops_cache = dict(old.get("flops", {}))
             params_cache = dict(old.get("params", {}))
+            kept_rate = old.get("machine", {}).get("matmul_gflops")
+            if existing and kept_rate and "matmul_gflops" in info:
+                # One compute floor per file: the kept rows' ratios were taken against the
+                # earlier measurement, so new rows use it too; today's is recorded beside it.
+                info["matmul_gflops_this_resume"] = info["matmul_gflops"]
+                info["matmul_gflops"] = kept_rate
         except (OSError, ValueError) as exc:
             print(f"warning: ignoring unreadable {results_json} ({exc})", file=sys.stderr)
     rows_by_key = {row_key(r): r for r in existing}

@@ -227,17 +227,24 @@ def _cell_text(cell: Cell | None, notes: dict[str, int]) -> str:
 def to_markdown(table: Table) -> str:
     """The table as Markdown: a header row per column, provenance lines, footnotes."""
     notes: dict[str, int] = {}
-    head = ["model", *[c.header for c in table.columns]]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(table.columns) + "|"]
+    shown, skipped = [], []
+    for column in table.columns:
+        present = [cell for m in table.models if (cell := table.cell(m, column)) is not None]
+        (skipped if present and all(c.status == "skipped" for c in present) else shown).append((column, present))
+    head = ["model", *[c.header for c, _ in shown]]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(shown) + "|"]
     for model in table.models:
-        cells = [_cell_text(table.cell(model, c), notes) for c in table.columns]
+        cells = [_cell_text(table.cell(model, c), notes) for c, _ in shown]
         lines.append("| " + " | ".join([model, *cells]) + " |")
     lines.append("")
     lines.append("Cells: median latency / peak memory. Columns headed `paper:` are published figures, "
                  "not measured here.")
     lines.append("")
+    # A column every model skipped is one line, not a column of "skipped".
+    lines += [f"- not run: {column.header}: " + "; ".join(sorted({c.reason or "skipped" for c in present}))
+              for column, present in skipped]
     sources: dict[str, list[str]] = {}
-    for column in table.columns:
+    for column, _ in shown:
         p = column.provenance
         if column.reference:
             line = f"paper columns: {p.get('source', '?')}"
@@ -294,14 +301,16 @@ def replace_readme_block(readme: str, markdown: str) -> str:
 def default_paths() -> list[Path]:
     """Every committed model-benchmark results file (a machine block and rows), in a stable order.
 
-    Other results (the serving throughput run) live beside them in another shape and are left out.
+    Other results (the serving throughput run, the upscale memory run) live beside them in
+    another shape, rows without a ``model``, and are left out.
     """
     def is_grid(path: Path) -> bool:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return True   # read_results names the problem
-        return isinstance(data, dict) and "machine" in data and isinstance(data.get("rows"), list)
+        rows = data.get("rows") if isinstance(data, dict) else None
+        return "machine" in data and isinstance(rows, list) and all("model" in r for r in rows if isinstance(r, dict))
 
     return [p for p in sorted(ROOT.glob(DEFAULT_GLOB)) if is_grid(p)]
 

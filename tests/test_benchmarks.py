@@ -64,16 +64,23 @@ def test_outputs_have_expected_rows_and_columns(tiny_run: tuple[Path, list[str]]
 def test_resume_keeps_finished_rows(tiny_run: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     out, argv = tiny_run
-    before = json.loads((out / "results.json").read_text())["rows"]
+    first = json.loads((out / "results.json").read_text())
+    before = first["rows"]
 
     def no_child(*args, **kwargs):  # any measurement would be a resume bug
         raise AssertionError("resume measured a finished row again")
 
     monkeypatch.setattr(bench, "run_child", no_child)
+    # A resumed run measures the matmul rate again (here a very different one): the file keeps
+    # the floor its kept rows were compared with and records the new figure beside it.
+    monkeypatch.setattr(bench, "matmul_rate_gflops", lambda: 1.5)
     assert bench.main(argv + ["--no-plots"]) == 0
     assert "0 row(s) measured, 2 kept" in capsys.readouterr().out
-    after = json.loads((out / "results.json").read_text())["rows"]
+    resumed = json.loads((out / "results.json").read_text())
+    after = resumed["rows"]
     assert [r["timestamp"] for r in after] == [r["timestamp"] for r in before]
+    assert resumed["machine"]["matmul_gflops"] == first["machine"]["matmul_gflops"] != {"fp32": 1.5}
+    assert resumed["machine"]["matmul_gflops_this_resume"] == {"fp32": 1.5}
 
 
 def test_peer_row_without_spandrel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,6 +68,26 @@ def test_merge_columns_cells_statuses_and_sizes_apart(three_files: list[Path]) -
     assert "weights: random" in md
 
 
+def test_a_column_every_model_skipped_is_one_line(tmp_path: Path) -> None:
+    """A precision this machine cannot run (bf16 without the instructions) is said once, not as a column of
+    "skipped" cells; a column with one skipped and one measured cell stays a column."""
+    path = _results(tmp_path / "cpu.json", "EPYC 2-core", [
+        _row("esc", "openvino", "128x128", latency=900.0),
+        _row("esc", "openvino", "128x128", precision="bf16", status="skipped", latency=None, memory=None,
+             reason="no bf16 instructions"),
+        _row("esc_light", "openvino", "128x128", precision="bf16", status="skipped", latency=None, memory=None,
+             reason="no bf16 instructions"),
+        _row("esc", "onnxruntime", "128x128", precision="int8", status="skipped", latency=None, memory=None,
+             reason="not quantised"),
+        _row("esc_light", "onnxruntime", "128x128", precision="int8", latency=500.0),
+    ])
+    md = bt.to_markdown(bt.merge([path], references=[]))
+    header = md.splitlines()[0]
+    assert "openvino · bf16" not in header and "onnxruntime · int8" in header and "openvino · fp32" in header
+    assert "- not run: EPYC 2-core · openvino · bf16 @ 128x128: no bf16 instructions" in md
+    assert "not run: EPYC 2-core · onnxruntime · int8" not in md
+
+
 def test_reference_columns_are_never_mixed_with_measured(three_files: list[Path]) -> None:
     table = bt.merge(three_files)
     refs = [c for c in table.columns if c.reference]
