@@ -1,8 +1,8 @@
 """ONNX export of the RIB family (ESC-RIB, SST) through the ESC export path.
 
 The golden checkpoints (``../shared/golden_rib``) of esc_rib x4 and sst x4 are exported at
-opset 18 (decomposed attention) and opset 23 (one native ``Attention`` per attention
-layer, no mask: the positional factors are concatenated to q and k) from one trace each,
+opset 23 (one native ``Attention`` per attention layer, no mask: the positional factors are
+concatenated to q and k), esc_rib also at opset 18 (decomposed attention) from the same trace,
 and run in ONNX Runtime CPU against the PyTorch model in fp32, within 1e-4.
 
 CI time: esc_rib (5 attention layers) is exported with dynamic shapes and checked at its
@@ -89,8 +89,9 @@ def _inputs(name: str) -> list[torch.Tensor]:
     return [torch.rand(1, 3, *SST_SHAPE, generator=gen)]
 
 
-@pytest.mark.parametrize("opset", [18, 23])
-@pytest.mark.parametrize("name", [ESC_RIB, SST])
+# SST at opset 23 only: its opset-18 file is the same chunked layout as ESC-RIB's and one
+# more SST export costs about a minute of CI time.
+@pytest.mark.parametrize(("name", "opset"), [(ESC_RIB, 18), (ESC_RIB, 23), (SST, 23)])
 def test_parity_with_pytorch(exports: RibExports, name: str, opset: int) -> None:
     report = exports.report(name, opset)
     model = exports.model(name)
@@ -119,8 +120,9 @@ def test_attention_form(exports: RibExports, name: str) -> None:
     assert "Softmax" not in ox.op_histogram(op23)
     assert [i.name for i in op23.graph.input] == ["lr"]
 
-    op18 = ox.op_histogram(onnx.load(str(exports.report(name, 18).path)))   # default form: chunked
-    assert op18["Softmax"] == layers * ox.DEFAULT_CHUNKS and "Attention" not in op18, op18
+    if name == ESC_RIB:   # (SST's opset-18 file is not exported, see test_parity_with_pytorch)
+        op18 = ox.op_histogram(onnx.load(str(exports.report(name, 18).path)))   # default form: chunked
+        assert op18["Softmax"] == layers * ox.DEFAULT_CHUNKS and "Attention" not in op18, op18
 
 
 def test_metadata_and_size(exports: RibExports) -> None:
