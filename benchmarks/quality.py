@@ -97,8 +97,8 @@ def quantize_int8(fp32_onnx: Path, output: Path, calibration: list[np.ndarray]) 
     try:
         if untied:
             onnx.save(model, str(source))
-        quantize_static(str(source if untied else fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(source if untied else fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(INT8_OPS))
         tmp.replace(output)
     finally:

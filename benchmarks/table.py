@@ -309,8 +309,9 @@ def default_paths() -> list[Path]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return True   # read_results names the problem
-        rows = data.get("rows") if isinstance(data, dict) else None
-        return "machine" in data and isinstance(rows, list) and all("model" in r for r in rows if isinstance(r, dict))
+        if not isinstance(data, dict) or "machine" not in data or not isinstance(data.get("rows"), list):
+            return False
+        return all("model" in r for r in data["rows"] if isinstance(r, dict))
 
     return [p for p in sorted(ROOT.glob(DEFAULT_GLOB)) if is_grid(p)]
 

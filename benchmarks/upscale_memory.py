@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -32,7 +31,9 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.measure import package_version  # noqa: E402
 from runtimes.cli_args import SIZE_SYNTAX, parse_size  # noqa: E402
+from runtimes.metadata import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -121,20 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {"image": str(args.image), "size": f"{width}x{height}", "weights": str(args.weights),
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "load_before": os.getloadavg()},
-              "versions": {p: _version(p) for p in ("torch", "onnxruntime", "openvino")},
+              "versions": {p: package_version(p) for p in ("torch", "onnxruntime", "openvino")},
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.output / "results.md").write_text(markdown(result))
+    write_text_atomic(args.output / "results.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(args.output / "results.md", markdown(result))
     print(markdown(result))
     return 0 if all(r["exit"] == 0 for r in rows) else 1
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except Exception:
-        return None
 
 
 def markdown(result: dict) -> str:

@@ -107,7 +107,7 @@ def test_a_runtime_that_holds_memory_per_shape_is_charged_for_every_tile_shape()
     assert q.estimate == pytest.approx(image_bytes(1000, 1000, 1, 4) + torch_cost.call_bytes(288 * 288))
 
 
-def test_onnx_runtime_sessions_run_without_the_cpu_arena(tmp_path: Path) -> None:
+def test_onnx_runtime_sessions_run_without_the_cpu_arena() -> None:
     """The arena kept every tile shape's blocks (7.9 GiB after four shapes of a 1024x1024
     picture); the ONNX Runtime cost in RUNTIME_COSTS assumes it is off."""
     from runtimes.onnx_runner import OnnxModelInfo, _session_options_for
@@ -116,9 +116,8 @@ def test_onnx_runtime_sessions_run_without_the_cpu_arena(tmp_path: Path) -> None
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["lr"], ["sr"])], "g",
                                    [onnx.helper.make_tensor_value_info("lr", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
                                    [onnx.helper.make_tensor_value_info("sr", onnx.TensorProto.FLOAT, [1, 3, 4, 4])])
-    path = tmp_path / "identity.onnx"
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
-    assert _session_options_for(OnnxModelInfo(str(path))).enable_cpu_mem_arena is False
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert _session_options_for(OnnxModelInfo(model)).enable_cpu_mem_arena is False
 
 
 def test_explicit_values_win() -> None:
