@@ -9,10 +9,14 @@ stops the session before any test runs (exit status 4), naming the folder.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+import re
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,7 +25,20 @@ if TYPE_CHECKING:
 
 SHARED_DIR = Path(os.environ.get("ESC_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 #: What must exist under the shared folder for the golden tests to run at all.
-SHARED_REQUIRED = ("golden", "data/Set5", "data/real_inputs")
+SHARED_REQUIRED = ("golden", "golden_rib", "golden_fb", "data/Set5", "data/real_inputs")
+
+
+def golden_index(folder: str = "golden") -> dict[str, dict]:
+    """The golden cases of ``SHARED_DIR/folder/index.json`` by name; empty where it is absent.
+
+    Module-level parametrisation reads this at import. Empty only where the shared folder is
+    missing and the run does not require it: ``ESC_REQUIRE_SHARED=1`` stops the session in
+    :func:`pytest_configure` before any test module is imported.
+    """
+    index = SHARED_DIR / folder / "index.json"
+    if not index.is_file():
+        return {}
+    return {case["name"]: case for case in json.loads(index.read_text())}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -80,13 +97,73 @@ def checkpoint(golden_dir: Path) -> Path:
     return golden_dir / f"{GOLDEN_CASE}.pth"
 
 
-@pytest.fixture(scope="module")
-def golden_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The golden model exported once per test session (every module that asks shares the file)."""
-    path = tmp_path_factory.getbasetemp() / f"{GOLDEN_CASE}.onnx"
-    if not path.exists():
-        export_esc_onnx(checkpoint, path)
-    return path
+class ArtifactCache:
+    """Every costly artifact of the run (an export, a conversion, a CLI run) built once, by key.
+
+    Whichever test asks first builds it; every other test, in any module, gets the same
+    value. ``submit`` starts a build on a background thread (a conversion that runs in a
+    child process) so a module can start its slow work before its cheap tests run; ``get``
+    waits for it. A build that raised raises again for every test that asks, with its own
+    traceback, instead of being retried. ``folder(key)`` is the key's own empty folder for
+    the files a build writes.
+    """
+
+    def __init__(self, root: Path, workers: int = 2) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._futures: dict[tuple, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="artifact")
+
+    def folder(self, key: tuple) -> Path:
+        name = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", str(part)) for part in key)
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _future(self, key: tuple, build: Callable[[], Any], background: bool) -> Future:
+        with self._lock:
+            future = self._futures.get(key)
+            if future is not None:
+                return future
+            if background:
+                future = self._pool.submit(build)
+            else:
+                future = Future()
+                future.set_running_or_notify_cancel()
+            self._futures[key] = future
+        if not background:  # built here, outside the lock: other keys build meanwhile
+            try:
+                future.set_result(build())
+            except BaseException as exc:  # noqa: BLE001 - re-raised to every caller by result()
+                future.set_exception(exc)
+        return future
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The value for ``key``: built now by ``build()`` unless built (or building) already."""
+        return self._future(key, build, background=False).result()
+
+    def submit(self, key: tuple, build: Callable[[], Any]) -> None:
+        """Start building ``key`` in the background (a no-op if it is known already)."""
+        self._future(key, build, background=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArtifactCache]:
+    """The run's one :class:`ArtifactCache` (exports and conversions shared by every module)."""
+    cache = ArtifactCache(tmp_path_factory.mktemp("artifacts"))
+    yield cache
+    cache.close()
+
+
+@pytest.fixture(scope="session")
+def golden_onnx(golden_dir: Path, artifacts: ArtifactCache) -> Path:
+    """The golden esc_light x4 model as the default export (fp32, opset 18, dynamic shape)."""
+    checkpoint = golden_dir / f"{GOLDEN_CASE}.pth"
+    return artifacts.get(("onnx", GOLDEN_CASE, "default"),
+                         lambda: export_esc_onnx(checkpoint, artifacts.folder(("onnx", GOLDEN_CASE)) / "model.onnx"))
 
 
 def export_esc_onnx(checkpoint: Path, path: Path) -> Path:

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from optional_deps import need
+from conftest import SHARED_DIR
 import torch
 from torch import nn
 
-pytest.importorskip("coremltools")
+need("coremltools", "coremltools is not installed (pip install 'esc-deploy[all]')")
 
 from export import coreml as ce  # noqa: E402
 from export.common import sha256_file  # noqa: E402
@@ -39,7 +41,7 @@ from runtimes.coreml.registry import KERNELS, Call  # noqa: E402
 from validation.compare import threshold_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = SHARED_DIR
 GOLDEN = SHARED / "golden"
 SET5_X4 = SHARED / "data" / "Set5" / "LR_bicubic" / "X4"
 CHECKPOINTS = {

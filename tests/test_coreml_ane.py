@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from optional_deps import need
+from conftest import SHARED_DIR
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-pytest.importorskip("coremltools")
+need("coremltools", "coremltools is not installed (pip install 'esc-deploy[all]')")
 
 from export import coreml as ce  # noqa: E402
 from models.ane import ane_form  # noqa: E402
@@ -27,7 +29,7 @@ from runtimes.coreml.reader import load_program  # noqa: E402
 from validation.compare import threshold_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_RIB = ROOT.parent / "shared" / "golden_rib"
+GOLDEN_RIB = SHARED_DIR / "golden_rib"
 #: The ANE form computes the same sums as today's form, possibly in another order (a
 #: (B, 9C, 1, 1) product summed by a 1x1 conv instead of a reduce; per-head matmuls):
 #: fp32 rounding differences of a few ulp of values of order 1.

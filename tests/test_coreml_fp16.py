@@ -14,9 +14,10 @@ import warnings
 
 import numpy as np
 import pytest
+from optional_deps import need
 import torch
 
-pytest.importorskip("coremltools")
+need("coremltools", "coremltools is not installed (pip install 'esc-deploy[all]')")
 
 from export import coreml as ce
 from models.fp16_safety import make_fp16_safe

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import png
 import pytest
+from optional_deps import need
+from conftest import SHARED_DIR
 import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
@@ -24,7 +26,7 @@ from runtimes.imageio import (
     write_image,
 )
 
-REAL_INPUTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_inputs"
+REAL_INPUTS = SHARED_DIR / "data" / "real_inputs"
 needs_real_inputs = pytest.mark.skipif(
     not REAL_INPUTS.is_dir(), reason=f"shared real inputs not found at {REAL_INPUTS}"
 )
@@ -211,7 +213,7 @@ def test_16bit_grey_tiff_full_precision(tmp_path: Path) -> None:
 
 
 def test_16bit_colour_tiff_refused(tmp_path: Path) -> None:
-    tifffile = pytest.importorskip("tifffile")
+    tifffile = need("tifffile", "tifffile is not installed (scikit-image brings it: pip install 'esc-deploy[all]')")
     path = tmp_path / "rgb16.tif"
     tifffile.imwrite(path, random_levels((5, 6, 3), 16).astype(np.uint16))
     with pytest.raises(ImageReadError, match="truncate"):

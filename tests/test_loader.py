@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
-import warnings
 
 import pytest
 import torch

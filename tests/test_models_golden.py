@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import golden_index
 import torch
 
 from models import load_model
@@ -17,10 +18,7 @@ def golden_cases(golden_dir) -> list[dict]:
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        from pathlib import Path
-
-        index = Path(__file__).resolve().parents[2] / "shared" / "golden" / "index.json"
-        cases = json.loads(index.read_text()) if index.exists() else []
+        cases = list(golden_index().values())
         metafunc.parametrize("case", cases, ids=[c["name"] for c in cases])
 
 

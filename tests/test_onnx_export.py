@@ -14,7 +14,6 @@ cases share them.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import SHARED_DIR, golden_index
 import torch
 
 from export import common
@@ -32,9 +32,8 @@ from export import onnx_export as ox
 from runtimes.onnx_runner import make_session
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden"
-INDEX = json.loads((GOLDEN / "index.json").read_text()) if (GOLDEN / "index.json").is_file() else []
-CASES = {case["name"]: case for case in INDEX}
+GOLDEN = SHARED_DIR / "golden"
+CASES = golden_index()
 CLI_X2 = "esc_x2_37x53_b1"
 # Exported by `python export/to_onnx.py` in a background process (longest first after x2).
 CLI_CASES = [name for name in (CLI_X2, "esc_real_x4_36x44_b1", "esc_x3_40x33_b1", "esc_x4_48x64_b1",

@@ -13,20 +13,20 @@ specialised), which takes a fraction of that.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import SHARED_DIR, golden_index
 import torch
 
 from export import onnx_export as ox
 from runtimes.onnx_runner import make_session
 
 ATOL = 1e-4             # ONNX Runtime vs PyTorch fp32, and vs the golden sr (the one fp32 threshold)
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden_rib"
-CASES = {c["name"]: c for c in json.loads((GOLDEN / "index.json").read_text())} if (GOLDEN / "index.json").exists() else {}
+GOLDEN = SHARED_DIR / "golden_rib"
+CASES = golden_index("golden_rib")
 ESC_RIB = "esc_rib_x4_45x70_b1"
 SST = "sst_x4_40x52_b1"
 SST_SHAPE = (20, 28)    # (H, W): pads every window size (16, 32, 64); two 16-windows wide

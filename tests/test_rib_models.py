@@ -7,11 +7,11 @@ other test runs on tiny random networks built from the same classes, to stay fas
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DIR, golden_index
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +36,8 @@ from models.rib.positional import positional_factors
 TOL = 1e-4
 BF16_BOUND = 1e-2       # upstream's own bf16 vs fp32 distance is 1-2e-3 on these cases
 BATCH_TOL = 1e-5        # batch 2 vs one by one, relative to the output's largest magnitude (blocking differs)
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden_rib"
-CASES = json.loads((GOLDEN / "index.json").read_text()) if (GOLDEN / "index.json").exists() else []
+GOLDEN = SHARED_DIR / "golden_rib"
+CASES = list(golden_index("golden_rib").values())
 
 
 @pytest.fixture(scope="module", autouse=True)

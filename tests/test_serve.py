@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from serving_deps import import_serving
+from optional_deps import need
 
-import_serving("pytriton", "nvidia-pytriton is not installed (pip install 'esc-deploy[serve]')")
-import_serving("tritonclient.grpc", "tritonclient[grpc,http] is not installed (pip install 'esc-deploy[serve]')")
+need("pytriton", "nvidia-pytriton is not installed (pip install 'esc-deploy[serve]')", group="serve")
+need("tritonclient.grpc", "tritonclient[grpc,http] is not installed (pip install 'esc-deploy[serve]')", group="serve")
 
 import tritonclient.http as triton_http  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from serving_deps import import_serving, skip_unless_required
+from optional_deps import need, skip_or_fail
 
 from export import triton_repo
 from export.triton_repo import RepoOptions, TritonRepoError, write_repository
@@ -58,8 +58,8 @@ def tiny_onnx(path: Path, shape: tuple[Any, Any] = ("H", "W"), batch: Any = "N",
 @pytest.fixture(scope="module")
 def pb() -> Any:
     """tritonclient's model-config protobuf module (the schema Triton reads)."""
-    return import_serving("tritonclient.grpc.model_config_pb2",
-                          "tritonclient[grpc] is not installed (pip install 'esc-deploy[serve]')")
+    return need("tritonclient.grpc.model_config_pb2",
+                "tritonclient[grpc] is not installed (pip install 'esc-deploy[serve]')", group="serve")
 
 
 def parse_config(pb: Any, path: Path) -> Any:
@@ -252,7 +252,7 @@ class TritonPythonModel:
 
 def bundled_tritonserver(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     """PyTriton's own tritonserver, a backend folder with the stub for this Python, and its env."""
-    pytriton = import_serving("pytriton", "nvidia-pytriton is not installed (it bundles tritonserver)")
+    pytriton = need("pytriton", "nvidia-pytriton is not installed (it bundles tritonserver)", group="serve")
     from runtimes.serve import stub_library_path
 
     root = Path(pytriton.__file__).parent / "tritonserver"
@@ -260,7 +260,8 @@ def bundled_tritonserver(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
         "triton_python_backend_stub"
     if not (root / "bin" / "tritonserver").is_file() or not stub.is_file():
-        skip_unless_required(f"this PyTriton has no tritonserver or stub for Python {sys.version_info[:2]} under {root}")
+        skip_or_fail(f"this PyTriton has no tritonserver or stub for Python {sys.version_info[:2]} under {root}",
+                     group="serve")
     backends = tmp_path / "backends"
     shutil.copytree(root / "backends" / "python", backends / "python")
     shutil.copy2(stub, backends / "python")

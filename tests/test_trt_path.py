@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import golden_index
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -60,10 +61,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _golden_cases() -> list[str]:
-    index = REPO.parent / "shared" / "golden" / "index.json"
-    if not index.is_file():
-        return ["missing-golden-data"]
-    return [entry["name"] for entry in json.loads(index.read_text())]
+    return list(golden_index()) or ["missing-golden-data"]
 
 
 def _clean_env() -> dict[str, str]:
