@@ -12,6 +12,7 @@ from .errors import (
     AttentionBackendError,
     CheckpointError,
     ESCError,
+    ModelOptionError,
     UnknownVariantError,
     WeightsDownloadError,
 )
@@ -25,7 +26,7 @@ from .rib.sst import SST
 
 __all__ = [
     "BACKENDS", "ESCRIB", "OFFICIAL_WEIGHTS", "RIB_BACKENDS", "SST", "VARIANTS", "AttentionBackendError",
-    "CheckpointError", "ESCBase", "ESCConfig", "ESCError", "ModelDescriptor", "RIBConfig", "RIBDescriptor",
+    "CheckpointError", "ESCBase", "ESCConfig", "ESCError", "ModelDescriptor", "ModelOptionError", "RIBConfig", "RIBDescriptor",
     "RIBNetwork", "UnknownVariantError", "WeightsDownloadError",
     "create_model", "get_variant", "infer_config", "load_model", "make_backend", "read_state_dict",
 ]

@@ -55,6 +55,9 @@ class ModelDescriptor:
     params: int
     attention: str
     deployed: bool
+    #: What the weights hold for the attention bias: ``"table"`` (relative-position table),
+    #: ``"flashbias rank R"`` (upstream's FlashBias factors) or ``"rib factors"`` (ESC-RIB, SST).
+    bias: str = "table"
 
 
 class ESCBase(nn.Module):
@@ -67,7 +70,7 @@ class ESCBase(nn.Module):
         self.proj = nn.Conv2d(3, config.dim, 3, padding=1)
         self.blocks = nn.ModuleList([
             Block(config.dim, config.pdim, config.conv_blocks, config.window_size, config.num_heads,
-                  config.exp_ratio, config.proj_ratio, config.use_lns, decomposed)
+                  config.exp_ratio, config.proj_ratio, config.use_lns, decomposed, config.flashbias_rank)
             for _ in range(config.n_blocks)
         ])
         self.last = nn.Conv2d(config.dim, config.dim, 3, padding=1)
@@ -187,4 +190,4 @@ class ESCBase(nn.Module):
             variant=name, exact_variant=exact, arch=self.config.arch, scale=self.scale,
             window_size=self.config.window_size, input_multiple=self.config.window_size, min_size=1,
             supports_half=True, tiling=self.tiling_behaviour(), params=self.num_params(),
-            attention=self.attention, deployed=self.deployed)
+            attention=self.attention, deployed=self.deployed, bias=self.attention_modules()[0].bias_form)

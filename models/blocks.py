@@ -133,12 +133,13 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, pdim: int, conv_blocks: int, window: int, heads: int,
-                 exp_ratio: float, proj_ratio: float, use_lns: bool, decomposed: bool) -> None:
+                 exp_ratio: float, proj_ratio: float, use_lns: bool, decomposed: bool,
+                 flashbias_rank: int = 0) -> None:
         super().__init__()
         self.ln_proj = ChannelLayerNorm(dim)
         self.proj = ConvFFN(dim, proj_ratio)
         self.ln_attn = ChannelLayerNorm(dim)
-        self.attn = WindowAttention(dim, window, heads)
+        self.attn = WindowAttention(dim, window, heads, flashbias_rank)
         self.lns = nn.ModuleList(
             [ChannelLayerNorm(dim) if use_lns else nn.Identity() for _ in range(conv_blocks)])
         plk_cls = DecomposedConvAttention if decomposed else ConvAttention

@@ -33,6 +33,9 @@ class ESCConfig:
     proj_ratio: float = 2.0
     use_lns: bool = False
     use_ln_last: bool = False
+    #: 0: each block's bias is a relative-position table; r > 0: FlashBias factors of rank r
+    #: (upstream's ``attn_type: FlashBias``, ``flashbias_rank``), the same variant otherwise.
+    flashbias_rank: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -111,10 +114,14 @@ def get_variant(name: str) -> Variant:
 
 
 def closest_variant(config: ESCConfig | RIBConfig) -> tuple[str, bool]:
-    """Name the official variant of the same family nearest to ``config`` and whether it matches exactly."""
+    """Name the official variant of the same family nearest to ``config`` and whether it matches exactly.
+
+    The form of the attention bias (a table or FlashBias factors) is not part of a variant:
+    upstream releases both forms of esc and esc_real, and the descriptor states it apart.
+    """
     def distance(v: Variant) -> int:
         ref = replace(v.config, scale=config.scale)
-        return sum(getattr(ref, f) != getattr(config, f) for f in ref.__dataclass_fields__)
+        return sum(getattr(ref, f) != getattr(config, f) for f in ref.__dataclass_fields__ if f != "flashbias_rank")
 
     best = min((v for v in VARIANTS.values() if type(v.config) is type(config)), key=distance)
     return best.name, distance(best) == 0

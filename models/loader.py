@@ -13,6 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from . import hub
 from .base import ESCBase
 from .config import ESCConfig, closest_variant, get_variant
-from .errors import CheckpointError
+from .errors import CheckpointError, ModelOptionError
 from .esc import ESC
 from .esc_fp import ESCFP
 from .esc_real import ESCReal
@@ -98,8 +99,7 @@ def infer_config(sd: StateDict, filename: str | None = None, variant: str | None
             else (sd["plk_filter"].shape[0], sd["plk_filter"].shape[-1])
         n_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
         conv_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.0\.convffns\.(\d+)\.proj\.weight", k))})
-        table = sd["blocks.0.attn.relative_position_bias"]
-        window = (math.isqrt(table.shape[1]) + 1) // 2
+        heads, window, flashbias_rank = _attention_bias_shape(sd)
         exp_ratio = sd["blocks.0.convffns.0.proj.weight"].shape[0] / dim
         proj_ratio = sd["blocks.0.proj.proj.weight"].shape[0] / dim
         scale = 4 if arch == "esc_real" else math.isqrt(sd["to_img.weight"].shape[0] // 3)
@@ -110,8 +110,50 @@ def infer_config(sd: StateDict, filename: str | None = None, variant: str | None
             f"Found {len(sd)} tensors; compare with a checkpoint from the official release.") from exc
     return ESCConfig(
         arch=arch, scale=scale, dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks,
-        conv_blocks=conv_blocks, window_size=window, num_heads=table.shape[0], exp_ratio=exp_ratio,
-        proj_ratio=proj_ratio, use_lns="blocks.0.lns.0.weight" in sd, use_ln_last="ln_last.weight" in sd)
+        conv_blocks=conv_blocks, window_size=window, num_heads=heads, exp_ratio=exp_ratio,
+        proj_ratio=proj_ratio, use_lns="blocks.0.lns.0.weight" in sd, use_ln_last="ln_last.weight" in sd,
+        flashbias_rank=flashbias_rank)
+
+
+FLASHBIAS_KEYS = ("blocks.0.attn.flashbias_q", "blocks.0.attn.flashbias_k")
+
+
+def _attention_bias_shape(sd: StateDict) -> tuple[int, int, int]:
+    """(heads, window, FlashBias rank or 0) from the first block's bias tensors.
+
+    A relative-position table is (heads, (2w-1)^2); FlashBias factors (upstream's 2025-12
+    ``attn_type: FlashBias`` checkpoints) are two (heads, w^2, r) tensors. A file with one
+    factor but not the other, or factors of different shapes, is a near miss named as such.
+    """
+    table_key = "blocks.0.attn.relative_position_bias"
+    present = [k for k in FLASHBIAS_KEYS if k in sd]
+    if table_key in sd and present:
+        raise CheckpointError(
+            f"this checkpoint has both a relative-position table ({table_key}) and FlashBias factors "
+            f"({', '.join(present)}): upstream writes one or the other. Re-export it from the training code "
+            f"with one attn_type.")
+    if not present:
+        if table_key not in sd:
+            raise CheckpointError(
+                f"this checkpoint has no attention bias for block 0: neither a relative-position table "
+                f"({table_key}) nor FlashBias factors ({' and '.join(FLASHBIAS_KEYS)}). It is truncated or was "
+                f"saved from a modified network; compare with a checkpoint from the official release.")
+        table = sd[table_key]
+        return table.shape[0], (math.isqrt(table.shape[1]) + 1) // 2, 0
+    if len(present) == 1:
+        missing = next(k for k in FLASHBIAS_KEYS if k not in sd)
+        raise CheckpointError(
+            f"this FlashBias checkpoint has {present[0]} but not {missing}: both factors are needed "
+            f"(bias = flashbias_q @ flashbias_k^T). The file is truncated or was edited; re-download it.")
+    f_q, f_k = sd[FLASHBIAS_KEYS[0]], sd[FLASHBIAS_KEYS[1]]
+    tokens = f_q.shape[1] if f_q.dim() == 3 else -1
+    window = math.isqrt(max(tokens, 0))
+    if f_q.shape != f_k.shape or f_q.dim() != 3 or window * window != tokens:
+        raise CheckpointError(
+            f"FlashBias factors must be two equal (heads, window^2, rank) tensors; this checkpoint has "
+            f"flashbias_q {tuple(f_q.shape)} and flashbias_k {tuple(f_k.shape)}. It was not written by "
+            f"upstream's FlashBias code (or export/to_flashbias.py); re-download or re-convert it.")
+    return f_q.shape[0], window, f_q.shape[2]
 
 
 def _not_esc_message(sd: StateDict) -> str:
@@ -197,17 +239,30 @@ def load_model(source: str | os.PathLike | Mapping, attention: str = "sdpa", dep
 
 def create_model(name: str, scale: int, weights: str | os.PathLike | Mapping | None = None,
                  attention: str = "sdpa", deploy: bool = False, device: str | torch.device | None = None,
-                 seed: int | None = 0, **attention_options) -> Model:
+                 seed: int | None = 0, flashbias_rank: int = 0, **attention_options) -> Model:
     """Build the named variant; with ``weights``, load them strictly (checked against the name).
 
     Without weights the network gets random weights and a warning: its output is
-    meaningless, but its speed and export behaviour are the real ones.
+    meaningless, but its speed and export behaviour are the real ones. ``flashbias_rank``
+    r > 0 builds the FlashBias form (factors of rank r instead of bias tables; ESC family).
     """
     spec = get_variant(name)
     if weights is not None:
-        return load_model(weights, attention=attention, deploy=deploy, scale=scale, variant=spec.name,
-                          device=device, **attention_options)
+        model = load_model(weights, attention=attention, deploy=deploy, scale=scale, variant=spec.name,
+                           device=device, **attention_options)
+        found = getattr(model.config, "flashbias_rank", 0)
+        if flashbias_rank and found != flashbias_rank:
+            raise ModelOptionError(
+                f"flashbias_rank={flashbias_rank} was asked for, but the weights hold "
+                f"{model.descriptor.bias}. Drop the option (the weights decide), or convert them with "
+                f"python export/to_flashbias.py --rank {flashbias_rank}.")
+        return model
     config = spec.build_config(scale)
+    if flashbias_rank:
+        if not isinstance(config, ESCConfig):
+            raise ModelOptionError(f"{spec.name} has no bias table to replace: FlashBias factors apply to the ESC "
+                                  f"family (esc, esc_light, esc_fp, esc_real, esc_xl), not to RIB models.")
+        config = replace(config, flashbias_rank=flashbias_rank)
     warnings.warn(f"{spec.name} x{scale} built with random weights: its output is meaningless "
                   f"(fine for latency and export checks). Pass weights=... for real pictures.", stacklevel=2)
     with torch.random.fork_rng(devices=[]):
@@ -244,5 +299,7 @@ def randomise(model: Model) -> None:
             p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
         elif name.endswith("relative_position_bias"):
             p.normal_(0.0, 0.02)
+        elif name.endswith(("flashbias_q", "flashbias_k")):   # products of about the table's size
+            p.normal_(0.0, (0.02 / p.shape[-1] ** 0.5) ** 0.5)
         elif name.endswith(("attn.to_hidden", "attn.to_q", "attn.to_k")):
             p.normal_(0.0, 0.05)

@@ -6,13 +6,18 @@ map level (not at q/k/v) lets a fused kernel own the padding and the window
 bookkeeping too, which is the whole point of fusing.
 
 - ``naive``: matmul, add the dense bias, softmax, matmul (what the golden outputs use).
-- ``sdpa``: ``F.scaled_dot_product_attention`` with the dense float bias as the mask.
-- ``flex``: FlexAttention with the bias gathered from the table in a score modification.
-- ``flashbias``: the bias factored per head by SVD into ``U V^T`` and appended to q and k,
-  so a mask-free SDPA (a flash kernel on GPU) applies. Approximate below full rank.
-- ``fused``: the Triton window-attention kernel (``models.kernels``), one custom op.
+- ``sdpa``: ``F.scaled_dot_product_attention`` in the form the weights allow: the dense
+  float bias as the mask for a bias table; mask-free over factor-extended q/k for a FlashBias
+  model (:func:`.factored.factored_sdpa`: the flash kernel on GPU).
+- ``flex``: FlexAttention with the bias read per score (from the table, or the FlashBias
+  product).
+- ``flashbias``: mask-free SDPA over factors: a FlashBias model's own, or a table's factored
+  by SVD at a chosen rank (approximate below full rank). One path for both.
+- ``fused``: the Triton window-attention kernel (``models.kernels``), one custom op; it
+  gathers from a bias table, so FlashBias models are refused (use ``sdpa``).
 - ``coreml``: SDPA written the way coremltools converts it best (no explicit scale; the
-  bias gathered in-graph from its small table, or dense): the Core ML exporter's form.
+  bias gathered in-graph from its small table, or dense, or FlashBias factors appended to
+  q and k): the Core ML exporter's form.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import AttentionBackendError, ModelOptionError
 from ..layers import capturing_graph
+from .factored import FLASH_MULTIPLE, factored_sdpa
 from .windows import HEAD_DIM, merge, pad_to_windows, partition
 
 if TYPE_CHECKING:
@@ -85,6 +91,8 @@ class SdpaBackend(WindowedBackend):
     name = "sdpa"
 
     def core(self, q, k, v, attn):
+        if not attn.has_table:   # FlashBias: no mask at all
+            return factored_sdpa(q, k, v, *attn.factors(), SCALE)
         mask = attn.dense_bias().to(q.dtype)
         if q.device.type == "cpu" and not capturing_graph():
             # Fused kernels need a unit stride on the head dimension; the window partition leaves
@@ -125,8 +133,15 @@ class FlexBackend(WindowedBackend):
             raise AttentionBackendError(
                 f"attention='flex' runs on CUDA only (the input is on {q.device.type}); "
                 "FlexAttention is not exportable either. Use attention='sdpa' (or 'naive') here.")
-        table = attn.relative_position_bias
         w = attn.window
+        if not attn.has_table:   # FlashBias weights: the (heads, w^2, w^2) product, read per score
+            bias = attn.dense_bias()[0]
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[h, q_idx, kv_idx].to(score.dtype)
+
+            return self._flex()(q, k, v, score_mod=score_mod, scale=SCALE)
+        table = attn.relative_position_bias
 
         def score_mod(score, b, h, q_idx, kv_idx):
             rel = (kv_idx // w - q_idx // w + w - 1) * (2 * w - 1) + (kv_idx % w - q_idx % w + w - 1)
@@ -139,35 +154,37 @@ class FlexBackend(WindowedBackend):
 
 
 class FlashBiasBackend(WindowedBackend):
-    """Low-rank bias appended to q and k so that a mask-free SDPA applies (FlashBias).
+    """FlashBias: the bias as factors appended to q and k, so one mask-free SDPA applies.
 
-    ``scores = q k^T / 4 + U V^T`` equals ``[q, 4U] [k, V]^T / 4``, so SDPA runs on
-    (16 + r)-dimensional q and k with the original v. The rank ``r`` is given, or the
-    smallest one whose singular values keep ``energy`` of the bias's squared norm; the
-    factors and the approximation error live on each attention module
-    (:meth:`WindowAttention.lowrank_bias`). At full rank (w^2) the result is exact up to
-    rounding; below it, outputs change (upstream: up to 0.05 dB PSNR).
+    A FlashBias model brings its factors (its weights); a table model's dense bias is
+    factored by SVD (:meth:`WindowAttention.factors`) at ``rank``, or at the smallest rank
+    whose singular values keep ``energy`` of its squared norm, with the error recorded in
+    ``attn.lowrank_report``. At full rank (w^2) that is exact up to rounding; below it
+    outputs change (upstream: up to 0.05 dB PSNR). ``precision="bf16"`` casts q, k and v to
+    bfloat16 for the attention, as upstream runs it (its flash kernel's input type).
     """
 
     name = "flashbias"
+    PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, rank: int | None = None, energy: float = 0.999) -> None:
+    def __init__(self, rank: int | None = None, energy: float = 0.999, precision: str = "auto") -> None:
         if rank is not None and rank < 1:
-            raise ValueError(f"flashbias rank must be >= 1, got {rank}")
+            raise ModelOptionError(f"flashbias rank must be >= 1, got {rank}")
         if not 0.0 < energy <= 1.0:
-            raise ValueError(f"flashbias energy must be in (0, 1], got {energy}")
+            raise ModelOptionError(f"flashbias energy must be in (0, 1], got {energy}")
+        if precision not in self.PRECISIONS:
+            raise ModelOptionError(f"flashbias precision must be one of {', '.join(self.PRECISIONS)}, "
+                                   f"got {precision!r}")
         self.rank = rank
         self.energy = energy
+        self.precision = precision
 
     def core(self, q, k, v, attn):
-        uq, vk = attn.lowrank_bias(self.rank, self.energy)
-        n = q.shape[0]
-        q_aug = torch.cat([q, uq.to(q.dtype).expand(n, -1, -1, -1)], dim=-1)
-        k_aug = torch.cat([k, vk.to(k.dtype).expand(n, -1, -1, -1)], dim=-1)
-        return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=SCALE)
+        return factored_sdpa(q, k, v, *attn.factors(self.rank, self.energy), SCALE,
+                             compute_dtype=self.PRECISIONS[self.precision])
 
     def __repr__(self) -> str:
-        return f"FlashBiasBackend(rank={self.rank}, energy={self.energy})"
+        return f"FlashBiasBackend(rank={self.rank}, energy={self.energy}, precision={self.precision!r})"
 
 
 class FusedBackend(AttentionBackend):
@@ -182,6 +199,11 @@ class FusedBackend(AttentionBackend):
     def __call__(self, qkv, attn):
         from ..kernels.ops import fused_window_attention
 
+        if not attn.has_table:
+            raise AttentionBackendError(
+                f"attention='fused' gathers its bias from a relative-position table, and this model's bias is "
+                f"{attn.bias_form} factors: use attention='sdpa' (mask-free SDPA over the factors: the flash "
+                f"kernel on GPU) or 'naive'.")
         return fused_window_attention(qkv, attn.relative_position_bias, attn.window, attn.heads)
 
 
@@ -216,7 +238,10 @@ class CoreMLBackend(WindowedBackend):
     dimension 16); for older targets it decomposes SDPA itself, so one graph serves all.
     ``bias="table"`` gathers the bias from the table in-graph (:func:`table_bias`: a
     small package, as long as the converter does not constant-fold the gather);
-    ``"dense"`` uses the module's dense bias (the deploy-time cache when present).
+    ``"dense"`` uses the module's dense bias (the deploy-time cache when present). A
+    FlashBias model has no table: with ``"table"`` its factors are appended to q and k
+    (mask-free, as small as the factors), q pre-multiplied so that SDPA's default scale for
+    the extended head dimension gives ESC's 1/4.
     """
 
     name = "coreml"
@@ -231,11 +256,26 @@ class CoreMLBackend(WindowedBackend):
     def core(self, q, k, v, attn):
         if q.shape[-1] != HEAD_DIM:  # SDPA's default scale must be ESC's 1/sqrt(16)
             raise AttentionBackendError(f"attention='coreml' needs head dimension {HEAD_DIM}, got {q.shape[-1]}")
+        if self.bias == "table" and not attn.has_table:
+            return _default_scale_factored_sdpa(q, k, v, *attn.factors())
         bias = table_bias(attn.relative_position_bias, attn.window) if self.bias == "table" else attn.dense_bias()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
 
     def __repr__(self) -> str:
         return f"CoreMLBackend(bias={self.bias!r})"
+
+
+def _default_scale_factored_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f_q: torch.Tensor,
+                                 f_k: torch.Tensor) -> torch.Tensor:
+    """:func:`.factored.factored_sdpa` with no explicit scale (what coremltools fuses).
+
+    SDPA's default scale is 1/sqrt(width) for the padded width, so q's side is multiplied
+    by ``SCALE * sqrt(width)`` first (exactly 2 for ESC's 16 + 48 = 64 channels).
+    """
+    width = q.shape[-1] + f_q.shape[-1]
+    width += -width % FLASH_MULTIPLE
+    gain = SCALE * math.sqrt(width)
+    return factored_sdpa(q * gain, k, v, f_q * gain, f_k, scale=None)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {

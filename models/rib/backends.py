@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.backends import AttentionBackend
+from ..attention.factored import extend, factored_sdpa
 from ..attention.windows import merge, partition
 from ..errors import AttentionBackendError
 
 if TYPE_CHECKING:
     from .attention import RIBAttention
-
-FLASH_MULTIPLE = 8
 
 
 class RIBBackend(AttentionBackend):
@@ -45,11 +44,6 @@ class RIBBackend(AttentionBackend):
         raise NotImplementedError
 
 
-def extend(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``[x, factor]`` on the last axis, the (1, heads, N, r) factor shared by every window."""
-    return torch.cat([x, factor.expand(x.shape[0], -1, -1, -1)], dim=-1)
-
-
 def softmax_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax in fp32 (for any input dtype), then times v."""
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
@@ -61,13 +55,7 @@ class SdpaBackend(RIBBackend):
     name = "sdpa"
 
     def core(self, q, k, v, f_q, f_k, scale):
-        head_dim = q.shape[-1]
-        width = head_dim + f_q.shape[-1]
-        pad = -width % FLASH_MULTIPLE
-        q_ext = F.pad(extend(q, f_q), (0, pad))
-        k_ext = F.pad(extend(k, f_k), (0, pad))
-        v_ext = F.pad(v, (0, width + pad - head_dim))
-        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=scale)[..., :head_dim]
+        return factored_sdpa(q, k, v, f_q, f_k, scale)
 
 
 class NaiveBackend(RIBBackend):

@@ -70,4 +70,5 @@ class RIBNetwork(nn.Module):
             variant=name, exact_variant=exact, arch=self.config.arch, scale=self.scale,
             window_size=self.config.window_size, input_multiple=self.config.input_multiple, min_size=1,
             supports_half=True, tiling=self.tiling_behaviour(), params=self.num_params(),
-            attention=self.attention, deployed=self.deployed, window_sizes=self.config.layer_windows)
+            attention=self.attention, deployed=self.deployed, bias="rib factors",
+            window_sizes=self.config.layer_windows)
