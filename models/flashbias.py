@@ -16,7 +16,6 @@ import os
 import re
 from collections.abc import Mapping
 
-import torch
 
 from .attention.factored import FactorReport, factorise_bias
 from .attention.windows import dense_bias

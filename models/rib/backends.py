@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..attention.backends import AttentionBackend
 from ..attention.factored import extend, factored_sdpa
