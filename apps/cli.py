@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "onnx": ("export.to_onnx", "export a model to ONNX (python export/to_onnx.py)"),
     "trt": ("export.to_trt", "build a TensorRT engine (python export/to_trt.py)"),
     "coreml": ("export.to_coreml", "export a Core ML package (python export/to_coreml.py)"),
+    "flashbias": ("export.to_flashbias", "convert a bias-table checkpoint to FlashBias factors "
+                                         "(python export/to_flashbias.py)"),
     "upscale": ("runtimes.upscale", "upscale images with any artifact (python -m runtimes.upscale)"),
     "parity": ("validation.parity", "compare an artifact with PyTorch on a dataset (python validation/parity.py)"),
     "bench": ("benchmarks.run", "latency table across models and runtimes (python benchmarks/run.py)"),

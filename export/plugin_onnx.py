@@ -412,6 +412,13 @@ def export_plugin_onnx(model: "ESCBase", path: str | Path, opset: int = 18, shap
     if precision == "bf16" and opset < BF16_MIN_OPSET:
         raise PluginExportError(f"a bf16 graph needs opset >= {BF16_MIN_OPSET} (ONNX Conv accepts bfloat16 from "
                                 f"opset 22), got opset {opset}: pass opset={BF16_MIN_OPSET}")
+    bias = model.descriptor.bias
+    if bias != "table":
+        raise PluginExportError(
+            f"the window-attention plugin gathers its bias from a relative-position table, and this "
+            f"{model.descriptor.variant} model's bias is {bias} ({'FlashBias factors' if 'flashbias' in bias else 'no table'}):"
+            f" export the mask-free form instead: python export/to_onnx.py --opset 23 (one Attention node per "
+            f"block, no mask), or for TensorRT python export/to_trt.py --attention native")
     shape, batch = ox.parse_shape(shape), ox.parse_batch(batch)
     path = Path(path)
     seconds: dict[str, float] = {}

@@ -83,6 +83,8 @@ class ArtifactMetadata:
     window_size: int | None = None
     input_multiple: int | None = None
     attention: str | None = None
+    #: the weights' bias form: "table", "flashbias rank R" or "rib factors" (descriptor.bias)
+    bias: str | None = None
     precision: str | None = None
     io_dtype: str | None = None
     opset: int | None = None
@@ -106,7 +108,7 @@ class ArtifactMetadata:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         base: dict[str, Any] = dict(
             variant=desc.variant, arch=desc.arch, scale=desc.scale, window_size=desc.window_size,
-            input_multiple=desc.input_multiple, attention=desc.attention, params=desc.params,
+            input_multiple=desc.input_multiple, attention=desc.attention, bias=desc.bias, params=desc.params,
             exact_variant=desc.exact_variant, weights_sha256=weights_sha256 or "random",
             toolkit_version=toolkit_version())
         extra = {k: _text(v) for k, v in fields.items() if k not in known}

@@ -42,13 +42,13 @@ from models.errors import ESCError
 from runtimes import imageio
 from runtimes.base import Runner, load
 from runtimes.cli_args import add_runner_args, positive_int, runner_options
+from runtimes.datasets import IMAGE_SUFFIXES
 from runtimes.memory import BudgetError, TilePlan, parse_budget
 
 __all__ = ["UsageError", "budget_arg", "main", "plan_outputs", "upscale_file"]
 
 #: Suffixes treated as images when INPUT is a directory (others are ignored silently
 #: only if they are hidden files; see :func:`_collect`).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class UsageError(Exception):

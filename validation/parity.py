@@ -50,12 +50,11 @@ from models.errors import ESCError
 from runtimes import imageio
 from runtimes.base import Runner, RunnerError, load, runner_class_for
 from runtimes.cli_args import add_runner_args, positive_int, runner_options
+from runtimes.datasets import IMAGE_SUFFIXES, find_images, to_uint8
 from validation.compare import THRESHOLDS, ComparisonResult, Threshold, compare
 from validation.metrics import psnr, ssim
 
 __all__ = ["THRESHOLDS", "ImageParity", "ParityReport", "Threshold", "find_images", "main", "run_parity"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -175,40 +174,6 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def _hr_for(lr: Path, hr_dir: Path, scale: int) -> Path | None:
-    stem = lr.stem
-    suffix = f"x{scale}"
-    if stem.lower().endswith(suffix):
-        stem = stem[: -len(suffix)]
-    for ext in IMAGE_SUFFIXES:
-        for candidate in (hr_dir / f"{stem}{ext}", hr_dir / f"{stem}{ext.upper()}"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def find_images(dataset: Path, scale: int) -> tuple[str, list[tuple[Path, Path | None]]]:
-    """(layout, [(lr, hr or None)]) for a benchmark-layout dataset or a flat folder."""
-    if not dataset.is_dir():
-        raise RunnerError(f"dataset folder not found: {dataset}")
-    lr_dir = dataset / "LR_bicubic" / f"X{scale}"
-    if (dataset / "LR_bicubic").is_dir():
-        if not lr_dir.is_dir():
-            found = sorted(p.name for p in (dataset / "LR_bicubic").iterdir() if p.is_dir())
-            raise RunnerError(f"{dataset} has no LR_bicubic/X{scale} (found: {', '.join(found) or 'nothing'}); "
-                              f"is --scale {scale} right?")
-        hr_dir = dataset / "HR"
-        lrs = sorted(p for p in lr_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return "benchmark", [(p, _hr_for(p, hr_dir, scale) if hr_dir.is_dir() else None) for p in lrs]
-    lrs = sorted(p for p in dataset.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return "flat", [(p, None) for p in lrs]
-
-
-def _to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """[0, 1] float (H, W, 3) -> uint8, rounded: the SR evaluation convention."""
-    return np.rint(np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def _quality(sr: np.ndarray, hr: np.ndarray, scale: int) -> tuple[float, float]:
     return psnr(sr, hr, crop_border=scale), ssim(sr, hr, crop_border=scale)
 
@@ -250,9 +215,9 @@ def _score_one(runner: Runner, reference: Runner, lr: Path, hr: Path | None, sca
             return item
         if (hr_img.height, hr_img.width) != (th, tw):
             item.notes.append(f"HR cropped from {hr_img.width}x{hr_img.height} to {tw}x{th}")
-        hr_u8 = _to_uint8(hr_img.rgb[:th, :tw])
-        item.runtime_psnr, item.runtime_ssim = _quality(_to_uint8(out_c), hr_u8, scale)
-        item.reference_psnr, item.reference_ssim = _quality(_to_uint8(ref_c), hr_u8, scale)
+        hr_u8 = to_uint8(hr_img.rgb[:th, :tw])
+        item.runtime_psnr, item.runtime_ssim = _quality(to_uint8(out_c), hr_u8, scale)
+        item.reference_psnr, item.reference_ssim = _quality(to_uint8(ref_c), hr_u8, scale)
     return item
 
 
