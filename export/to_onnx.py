@@ -8,7 +8,7 @@ Examples (from the repository root)::
     python export/to_onnx.py --weights ESC_FP_X2.pth --shape 320x240 --batch 1             # 320 wide, 240 tall
     python -m export.to_onnx --model esc_fp --scale 2                          # random weights (warned)
     python export/to_onnx.py --weights ESCRIB_DFLIP_X4.pth --opset 23            # ESC-RIB: mask-free Attention
-    python export/to_onnx.py --model sst --weights SST_DF2K_X4.pth --opset 23     # SST (window sizes from --model)
+    python export/to_onnx.py --weights SST_DF2K_X4.pth --opset 23                 # SST (a name with Plus: SST+)
 
 Defaults: dynamic batch, height and width; opset 18 (attention as MatMul/Softmax, split into
 16 query slices so ONNX Runtime holds 1/16 of the scores; opset 23 gives one native ONNX

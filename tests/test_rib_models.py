@@ -57,16 +57,10 @@ def golden_rib(shared_dir) -> Path:
     return GOLDEN
 
 
-def named_by_file(case: dict) -> bool:
-    """Whether the file name alone settles the variant (it does unless SST weights lack 'plus')."""
-    return case["variant"] == "esc_rib" or "plus" in case["name"]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_golden_case_train_form_and_deployed(golden_rib, case):
     io = torch.load(golden_rib / f"{case['name']}.io.pt", weights_only=True)
-    asked = None if named_by_file(case) else case["variant"]
-    model = load_model(golden_rib / f"{case['name']}.pth", variant=asked, deploy=False)
+    model = load_model(golden_rib / f"{case['name']}.pth", deploy=False)   # the file name settles sst vs sst_plus
     d = model.descriptor
     assert (d.variant, d.scale, d.exact_variant) == (case["variant"], case["scale"], True)
     windows = case["official_kwargs"].get("window_sizes") or [case["official_kwargs"]["window_size"]]
@@ -99,10 +93,11 @@ def test_plus_is_read_from_the_file_name_in_any_case(sst_sd):
         assert config.window_sizes == (16, 32, 48, 32, 48, 96) and config.scale == 4
 
 
-def test_without_plus_sst_loads_only_when_asked(sst_sd):
-    assert infer_config(sst_sd, "SST_DF2K_X4.pth", "sst").window_sizes == (16, 32, 64, 16, 32, 64)
+def test_a_release_name_without_plus_is_sst_and_a_silent_name_is_refused(sst_sd):
+    assert infer_config(sst_sd, "SST_DF2K_X4.pth").window_sizes == (16, 32, 64, 16, 32, 64)
+    assert infer_config(sst_sd, "sst_x4_net.safetensors").window_sizes == (16, 32, 64, 16, 32, 64)
     assert infer_config(sst_sd, "SST_DF2K_X4.pth", "sst_plus").window_sizes[-1] == 96  # the caller wins
-    for name in ("SST_DF2K_X4.pth", None):
+    for name in ("model.pth", "ESC_X4.pth", None):
         with pytest.raises(CheckpointError) as info:
             infer_config(sst_sd, name)
         message = str(info.value)
@@ -111,9 +106,9 @@ def test_without_plus_sst_loads_only_when_asked(sst_sd):
 
 
 def test_ambiguous_file_fails_in_load_model_naming_both(golden_rib, tmp_path):
-    link = tmp_path / "SST_DF2K_X4.pth"
+    link = tmp_path / "model.pth"
     os.symlink(golden_rib / "sst_x4_40x52_b1.pth", link)
-    with pytest.raises(CheckpointError, match=r"fit both sst .* and sst_plus .*'SST_DF2K_X4\.pth' does not contain 'plus'"):
+    with pytest.raises(CheckpointError, match=r"fit both sst .* and sst_plus .*'model\.pth' says neither 'sst' nor 'plus'"):
         load_model(link)
     with pytest.raises(CheckpointError, match=r"not esc_rib: they fit sst and sst_plus"):
         load_model(link, variant="esc_rib")

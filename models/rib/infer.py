@@ -2,9 +2,11 @@
 
 The weights fix every size but the window sizes, so ``sst`` and ``sst_plus`` (and
 ``sst_large`` / ``sst_large_plus``) are indistinguishable by their tensors. The variant
-comes from the caller, else from the file name (``plus`` in it, any case), else from the
-structure when only one published variant has it; otherwise loading stops and names the
-candidates rather than guess.
+comes from the caller, else from the structure when only one published variant has it,
+else from the file name as upstream's releases are named: ``plus`` in it (any case) means
+the plus variant, a name that says ``sst`` without ``plus`` (``SST_DF2K_X4.pth``) the plain
+one. Only a name that says neither (``model.pth``) stops loading, naming both candidates
+rather than guess.
 """
 from __future__ import annotations
 
@@ -60,16 +62,18 @@ def _choose(candidates: list[Variant], structure: RIBConfig, filename: str | Non
             f"these {what} match no published RIB variant (window sizes are not stored in RIB weights, so only "
             f"the published configs can be rebuilt: {', '.join(v.name for v in VARIANTS.values() if isinstance(v.config, RIBConfig))}). "
             f"Check that the file comes from the official release.")
-    plus = filename is not None and "plus" in filename.lower()
-    named = [v for v in candidates if v.name.endswith("_plus") == plus]
-    if plus and len(named) == 1:
-        return named[0]
+    name = (filename or "").lower()
+    if "plus" in name or "sst" in name:
+        named = [v for v in candidates if v.name.endswith("_plus") == ("plus" in name)]
+        if len(named) == 1:
+            return named[0]
     shown = " and ".join(f"{v.name} (windows {'/'.join(map(str, v.config.window_sizes))})" for v in candidates)
-    source = f"the file name {filename!r} does not contain 'plus'" if filename else "no file name was given"
+    source = (f"the file name {filename!r} says neither 'sst' nor 'plus'" if filename
+              else "no file name was given")
     raise CheckpointError(
         f"these {what} fit both {shown}: the two differ only in their window sizes, which the weights do not "
         f"store, and {source}, so the toolkit will not guess. Pass variant={names[0]!r} or variant={names[-1]!r} "
-        f"(or name the file with 'plus' for the plus variant).")
+        f"(or name the file as upstream does: SST_..., SST_Plus_...).")
 
 
 def _count(sd: StateDict, pattern: str) -> int:
