@@ -17,7 +17,8 @@ what needs a GPU is prepared here and run in one go. It writes under ``--out``:
   the extra peak memory of one call, and the max abs error against the fp32 reference.
 * ``models.json``: esc, esc_light, esc_fp, esc_real at x4 to 1280x720 (random weights:
   latency does not depend on them), deployed, for each back-end in fp32/fp16/bf16, with
-  peak allocated memory of one forward (weights included); the peers SwinIR-light,
+  peak allocated memory of one forward (weights included); esc and esc_real in upstream's
+  FlashBias form too (rank-48 factors as weights: mask-free SDPA); the peers SwinIR-light,
   OmniSR and SPAN from spandrel's architecture classes when spandrel imports; the
   papers' figures beside them and ESC/SwinIR-light ratios.
 * ``environment.json``: GPU, driver, CUDA, torch, Triton, spandrel versions.
@@ -55,7 +56,11 @@ BACKENDS = ("fused", "sdpa", "flex", "flashbias", "naive")
 PEERS = ("swinir_light", "omnisr", "span")
 KERNEL_METHODS = ("fused", "sdpa (dense bias)", "flex", "naive", "flashbias r16", "flashbias r48")
 MODEL_FLASHBIAS_RANK = 48
-GPU_TESTS = ("tests/test_fused_kernel.py", "tests/test_models_golden.py")
+GPU_TESTS = ("tests/test_fused_kernel.py", "tests/test_models_golden.py", "tests/test_flashbias.py")
+#: Models in upstream's FlashBias form (factors instead of tables, rank 48 as released) and the
+#: back-ends that apply to them (mask-free SDPA; naive materialises the product for contrast).
+FLASHBIAS_VARIANTS = ("esc", "esc_real")
+FLASHBIAS_BACKENDS = ("sdpa", "naive")
 DRY_RUN_LABEL = "DRY RUN (CPU, Triton interpreter, tiny shapes): no figure here is a GPU figure"
 
 #: The papers' figures at x4 to 1280x720 on an RTX 4090 (latency ms, peak memory MB).
@@ -80,6 +85,7 @@ class Plan:
     kernel_dtypes: tuple[str, ...]
     model_lr: tuple[int, int]                   # (height, width) of the LR input
     variants: tuple[str, ...]
+    flashbias_variants: tuple[str, ...]
     precisions: tuple[str, ...]
     backends: tuple[str, ...]
     warmup: int
@@ -89,13 +95,13 @@ class Plan:
     @classmethod
     def gpu(cls, repeat: int) -> "Plan":
         return cls(False, "cuda", ((180, 320), (1080, 1920)), 32, 4, ("fp16",), (180, 320), VARIANTS,
-                   ("fp16", "fp32", "bf16"), BACKENDS, 5, repeat, 20)
+                   FLASHBIAS_VARIANTS, ("fp16", "fp32", "bf16"), BACKENDS, 5, repeat, 20)
 
     @classmethod
     def tiny(cls) -> "Plan":
         # No FlashBias model row: its one-off fp64 SVD of the 1024x1024 tables takes minutes on a CPU
         # (the kernel table covers the FlashBias code path at window 16).
-        return cls(True, "cpu", ((16, 16), (16, 40)), 16, 2, ("bf16",), (16, 16), ("esc_light",),
+        return cls(True, "cpu", ((16, 16), (16, 40)), 16, 2, ("bf16",), (16, 16), ("esc_light",), ("esc_light",),
                    ("fp32",), tuple(b for b in BACKENDS if b != "flashbias"), 0, 1, 1)
 
 
@@ -273,7 +279,8 @@ def kernel_table(plan: Plan, budget: Budget) -> list[dict[str, Any]]:
 
 
 # -- 3. the model table ------------------------------------------------------------------------------
-def _model(variant: str, backend: str, plan: Plan) -> Any:
+def _model(variant: str, backend: str, plan: Plan, bias: str = "table") -> Any:
+    """A random deployed x4 model; ``bias="flashbias"``: upstream's FlashBias form (rank-48 factors)."""
     from models import create_model
 
     options: dict[str, Any] = {}
@@ -281,6 +288,8 @@ def _model(variant: str, backend: str, plan: Plan) -> Any:
         options = {"compile": not plan.dry_run, "allow_cpu": plan.dry_run}
     if backend == "flashbias":   # a fixed rank: random tables have no low-rank structure to find
         options = {"rank": MODEL_FLASHBIAS_RANK}
+    if bias == "flashbias":
+        options["flashbias_rank"] = MODEL_FLASHBIAS_RANK
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # random weights: latency and memory do not depend on them
         return create_model(variant, 4, attention=backend, deploy=True, device=plan.device, **options)
@@ -293,27 +302,29 @@ def model_table(plan: Plan, budget: Budget) -> list[dict[str, Any]]:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     jobs = []
     for precision in plan.precisions:   # precision-major, peers beside: a spent budget still leaves ratios
-        jobs += [(precision, v, b) for v in plan.variants for b in plan.backends]
-        jobs += [(precision, peer, "-") for peer in PEERS]
+        jobs += [(precision, v, "table", b) for v in plan.variants for b in plan.backends]
+        jobs += [(precision, v, "flashbias", b) for v in plan.flashbias_variants for b in FLASHBIAS_BACKENDS]
+        jobs += [(precision, peer, "-", "-") for peer in PEERS]
     rows: list[dict[str, Any]] = []
     height, width = plan.model_lr
-    for precision, name, backend in _progress(jobs, "model table"):
-        row = {"model": name, "backend": backend, "precision": precision, "lr": f"{width}x{height}",
-               "sr": f"{width * 4}x{height * 4}"}
+    for precision, name, bias, backend in _progress(jobs, "model table"):
+        row = {"model": name, "bias": bias if bias != "flashbias" else f"flashbias r{MODEL_FLASHBIAS_RANK}",
+               "backend": backend, "precision": precision, "lr": f"{width}x{height}", "sr": f"{width * 4}x{height * 4}"}
         if budget.spent():
             rows.append({**row, "status": f"not measured: time budget ({budget.seconds:.0f} s) spent"})
             continue
 
-        def work(name: str = name, backend: str = backend, precision: str = precision) -> dict[str, Any]:
+        def work(name: str = name, backend: str = backend, precision: str = precision,
+                 bias: str = bias) -> dict[str, Any]:
             if backend == "-":
                 from benchmarks.measure import build_peer
 
                 try:
-                    net = build_peer(name, 4)
+                    net = build_peer(name, 4, lr_hw=(height, width))
                 except ImportError as exc:
                     raise Unavailable(f"spandrel is not importable here ({exc})") from exc
             else:
-                net = _model(name, backend, plan)
+                net = _model(name, backend, plan, bias)
             net = net.to(plan.device, dtypes[precision]).eval()
             x = torch.rand(1, 3, height, width, device=plan.device).to(dtypes[precision])
             with torch.inference_mode():
@@ -325,8 +336,11 @@ def model_table(plan: Plan, budget: Budget) -> list[dict[str, Any]]:
 
 
 def paper_key(row: dict[str, Any]) -> str:
-    """The :data:`PAPER_FIGURES` entry a model row is compared with."""
-    return f"{row['model']}/{row['backend']}" if row["model"] == "esc_real" else row["model"]
+    """The :data:`PAPER_FIGURES` entry a model row is compared with (ESC-Real: by attention; its
+    FlashBias figure is for the FlashBias form, whatever back-end runs it)."""
+    if row["model"] != "esc_real":
+        return row["model"]
+    return "esc_real/flashbias" if str(row.get("bias", "")).startswith("flashbias") else f"esc_real/{row['backend']}"
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -335,7 +349,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         peer = swinir.get(r["precision"])
-        if r["model"] != "esc" or r.get("status") != "ok" or peer is None:
+        if r["model"] != "esc" or r.get("bias", "table") != "table" or r.get("status") != "ok" or peer is None:
             continue
         out.append({"precision": r["precision"], "backend": r["backend"],
                     "latency_ratio": r["median_ms"] / peer["median_ms"],
@@ -362,6 +376,8 @@ def environment(plan: Plan) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info["gpu"], info["compute_capability"] = props.name, f"{props.major}.{props.minor}"
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        # fp32 rows run with PyTorch's defaults: cuDNN convolutions in TF32, matmuls in full fp32.
+        info["tf32"] = {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=30)
@@ -399,11 +415,11 @@ def markdown(env: dict[str, Any], tests: dict[str, Any], kernel: list[dict], mod
     lines += ["", "The bias table is random (unit normal): FlashBias's error here says nothing of trained tables.",
               "", f"## Models at x4 (random weights, deployed, FlashBias rank {MODEL_FLASHBIAS_RANK}; peak = allocated "
               f"during one forward, weights included)", "",
-              "| model | back-end | precision | LR -> SR | median ms | peak MiB | paper ms | paper MB | status |",
-              "|---|---|---|---|---:|---:|---:|---:|---|"]
+              "| model | bias | back-end | precision | LR -> SR | median ms | peak MiB | paper ms | paper MB | status |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in models:
         paper = PAPER_FIGURES.get(paper_key(r), {})
-        lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['lr']} -> {r['sr']} | "
+        lines.append(f"| {r['model']} | {r.get('bias', '-')} | {r['backend']} | {r['precision']} | {r['lr']} -> {r['sr']} | "
                      f"{_fmt(r.get('median_ms'))} | {_fmt(r.get('peak_mib'), '.0f')} | {_fmt(paper.get('ms'), '.1f')} | "
                      f"{_fmt(paper.get('mb'), '.0f')} | {r['status']} {r.get('error', '')} |")
     lines += ["", "Paper figures: RTX 4090, x4 to 1280x720 (ESC paper); ours are on the device above.", "",

@@ -120,12 +120,21 @@ class _CpuMemory:
         return max(0.0, (peak - self.baseline_kb) / 1024.0), kind
 
 
-def build_peer(name: str, scale: int):
-    """A light SR peer from spandrel's architecture classes, random weights."""
+def build_peer(name: str, scale: int, lr_hw: tuple[int, int] | None = None):
+    """A light SR peer from spandrel's architecture classes, random weights.
+
+    ``lr_hw``: the input size the peer will run at. SwinIR keeps its shifted-window mask as a
+    buffer for its ``img_size`` only; at any other size spandrel's SwinIR builds a float32
+    mask on every call, which fp16/bf16 attention refuses ("expected scalar type Float but
+    found Half"). Building it for the (window-padded) run size keeps the mask in the model's
+    dtype, as SwinIR runs at its own size; the weights are the same either way.
+    """
     if name == "swinir_light":
         from spandrel.architectures.SwinIR import SwinIR
 
-        return SwinIR(upscale=scale, in_chans=3, img_size=64, window_size=8, img_range=1.0,
+        window = 8
+        img_size = 64 if lr_hw is None else tuple(-(-side // window) * window for side in lr_hw)
+        return SwinIR(upscale=scale, in_chans=3, img_size=img_size, window_size=window, img_range=1.0,
                       depths=[6, 6, 6, 6], embed_dim=60, num_heads=[6, 6, 6, 6], mlp_ratio=2,
                       upsampler="pixelshuffledirect", resi_connection="1conv")
     if name == "omnisr":

@@ -68,6 +68,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """fp32 on CUDA as fp32: cuDNN convolutions default to TF32 on Ampere and later (a 10-bit
+    mantissa: golden outputs moved by 2.8e-3 on an H200), so reference checks turn it off."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def require_path(path: Path) -> Path:
     """Return ``path`` or skip the calling test with a reason naming it."""
     if not path.exists():

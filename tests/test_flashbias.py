@@ -103,6 +103,26 @@ def test_fused_kernel_and_a_run_time_rank_are_refused_with_the_fix(case: dict, i
         model(io["lr"][..., :8, :8])
 
 
+@pytest.mark.gpu
+def test_flashbias_on_cuda_takes_the_flash_kernel(case: dict, io: dict, no_tf32) -> None:
+    """fp32 on CUDA reproduces ``sr``; bf16 with only the flash kernel allowed runs (the padded,
+    mask-free q'/k'/v' are what it accepts) and lands as far from ``sr`` as upstream's own bf16 run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = load_model(GOLDEN_FB / f"{case['name']}.pth", device="cuda")
+    lr = io["lr"].cuda()
+    with torch.no_grad():
+        fp32 = model(lr).cpu()
+        model.set_attention("flashbias", precision="bf16")
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            bf16 = model(lr).cpu()
+    err, to_sr, to_bf16 = _max_abs(fp32, io["sr"]), _max_abs(bf16, io["sr"]), _max_abs(bf16, io["sr_bf16"])
+    print(f"{case['name']} on CUDA: fp32 vs sr {err:.2e}; bf16 flash vs sr {to_sr:.2e}, vs sr_bf16 {to_bf16:.2e} "
+          f"(upstream's sr vs sr_bf16 {case['sr_vs_sr_bf16_max_abs']:.2e})")
+    assert err < TOL
+    assert to_sr < 2 * case["sr_vs_sr_bf16_max_abs"]
+
+
 # -- every back-end on a small FlashBias model ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_flashbias(tiny_checkpoint) -> tuple[torch.nn.Module, torch.Tensor]:

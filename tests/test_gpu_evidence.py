@@ -80,7 +80,7 @@ def test_a_row_that_raised_fails_the_run(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("TRITON_INTERPRET", "1")   # main sets it for the dry run; restored after the test
     monkeypatch.setattr(ge, "kernel_table", lambda plan, budget: [])
 
-    def broken(variant: str, backend: str, plan: ge.Plan) -> None:
+    def broken(variant: str, backend: str, plan: ge.Plan, bias: str = "table") -> None:
         raise RuntimeError(f"cannot build {variant}")
 
     monkeypatch.setattr(ge, "_model", broken)
@@ -101,6 +101,11 @@ def test_ratios_and_paper_figures() -> None:
     assert ratio["latency_ratio"] == pytest.approx(0.1) and ratio["memory_ratio"] == pytest.approx(0.25)
     assert ratio["paper_latency_ratio"] == pytest.approx(21.9 / 222.9)
     assert ge.paper_key({"model": "esc_real", "backend": "flashbias"}) == "esc_real/flashbias"
+    # The FlashBias form's figure whatever back-end runs it; a table model's by its back-end.
+    assert ge.paper_key({"model": "esc_real", "bias": "flashbias r48", "backend": "sdpa"}) == "esc_real/flashbias"
+    assert ge.paper_key({"model": "esc_real", "bias": "table", "backend": "flex"}) == "esc_real/flex"
+    # FlashBias-form rows are not ESC/SwinIR ratios (the paper's ratio is for the table model).
+    assert ge.ratios([{**rows[0], "bias": "flashbias r48"}, rows[1]]) == []
     assert ge.PAPER_FIGURES[ge.paper_key({"model": "esc_real", "backend": "flex"})]["ms"] == 59.9
 
 

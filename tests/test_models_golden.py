@@ -98,7 +98,7 @@ def test_flex_refuses_cpu_by_default_and_matches_when_allowed(golden_dir):
 
 
 @pytest.mark.gpu
-def test_flex_on_cuda_matches_golden(golden_dir):
+def test_flex_on_cuda_matches_golden(golden_dir, no_tf32):
     name = "esc_x4_48x64_b1"
     io = torch.load(golden_dir / f"{name}.io.pt", weights_only=True)
     model = load_model(golden_dir / f"{name}.pth", attention="flex", device="cuda")
