@@ -66,6 +66,13 @@ def _int_arg(value, what: str) -> int:
     return int(value)
 
 
+def _index(items, index: int) -> int:
+    """``index`` if it is in range of ``items`` (pybind11's bound vectors: no negative indices), else IndexError."""
+    if not 0 <= index < len(items):
+        raise IndexError(index)
+    return index
+
+
 def _need(value, kind, what: str):
     if not isinstance(value, kind):
         raise TypeError(f"{what}: incompatible function arguments, got {type(value).__name__} (expected {kind})")
@@ -145,9 +152,7 @@ class PluginFieldCollection_:  # noqa: N801 (TensorRT's name)
         return len(self._fields)
 
     def __getitem__(self, index: int) -> PluginField:
-        if not 0 <= index < len(self._fields):
-            raise IndexError(index)
-        return self._fields[index]
+        return self._fields[_index(self._fields, index)]
 
 
 # -- plugin interfaces (bases that tensorrt.plugin subclasses) ----------------------------------------------
@@ -172,29 +177,16 @@ class IPluginCreatorV3Quick(IPluginCreatorInterface):
         self._field_names = PluginFieldCollection_(fields)
 
 
-class IPluginV3:
-    def __init__(self) -> None:
-        pass
+def _interface(name: str, *bases: type) -> type:
+    """A pybind11 trampoline base ``tensorrt.plugin`` subclasses: constructed with no arguments."""
+    return type(name, bases, {"__init__": lambda self: None, "__module__": __name__})
 
 
-class IPluginV3QuickCore:
-    def __init__(self) -> None:
-        pass
-
-
-class IPluginV3QuickBuild:
-    def __init__(self) -> None:
-        pass
-
-
-class IPluginV3QuickRuntime:
-    def __init__(self) -> None:
-        pass
-
-
-class IPluginV3QuickAOTBuild(IPluginV3QuickBuild):
-    def __init__(self) -> None:
-        pass
+IPluginV3 = _interface("IPluginV3")
+IPluginV3QuickCore = _interface("IPluginV3QuickCore")
+IPluginV3QuickBuild = _interface("IPluginV3QuickBuild")
+IPluginV3QuickRuntime = _interface("IPluginV3QuickRuntime")
+IPluginV3QuickAOTBuild = _interface("IPluginV3QuickAOTBuild", IPluginV3QuickBuild)
 
 
 class ITensor:
@@ -308,14 +300,10 @@ class DimsExprs:
         return len(self._exprs)
 
     def __getitem__(self, index: int) -> IDimensionExpr:
-        if not 0 <= index < len(self._exprs):
-            raise IndexError(index)
-        return self._exprs[index]
+        return self._exprs[_index(self._exprs, index)]
 
     def __setitem__(self, index: int, expr) -> None:
-        if not 0 <= index < len(self._exprs):
-            raise IndexError(index)
-        self._exprs[index] = _need(expr, IDimensionExpr, "DimsExprs.__setitem__")
+        self._exprs[_index(self._exprs, index)] = _need(expr, IDimensionExpr, "DimsExprs.__setitem__")
 
 
 class Dims:
