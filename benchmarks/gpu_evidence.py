@@ -21,6 +21,10 @@ what needs a GPU is prepared here and run in one go. It writes under ``--out``:
   FlashBias form too (rank-48 factors as weights: mask-free SDPA); the peers SwinIR-light,
   OmniSR and SPAN from spandrel's architecture classes when spandrel imports; the
   papers' figures beside them and ESC/SwinIR-light ratios.
+* ``tensorrt.json``: where ``tensorrt`` imports, the engines ``export/to_trt.py`` builds for
+  esc x4 (random weights) -- plugin attention in fp16 and bf16, ``--attention native`` in
+  fp16 -- each with its build time, parity against PyTorch fp32 (the one threshold table)
+  and latency; otherwise one line saying why none was built.
 * ``environment.json``: GPU, driver, CUDA, torch, Triton, spandrel versions.
 * ``README.md``: the tables in Markdown.
 
@@ -335,6 +339,68 @@ def model_table(plan: Plan, budget: Budget) -> list[dict[str, Any]]:
     return rows
 
 
+# -- 4. TensorRT engines ---------------------------------------------------------------------------
+#: (precision, attention) of the engines tried when TensorRT imports.
+TRT_BUILDS = (("fp16", "plugin"), ("bf16", "plugin"), ("fp16", "native"))
+TRT_PROFILE = ("1x3x16x16", "1x3x180x320", "1x3x180x320")   # min, opt, max: the papers' 320x180 LR
+
+
+def tensorrt_table(plan: Plan, budget: Budget, out: Path) -> dict[str, Any]:
+    """Build, check and time the :data:`TRT_BUILDS` engines of esc x4, or say why none was built."""
+    if plan.dry_run:
+        return {"status": "skipped: dry run (engines need TensorRT and a GPU)", "rows": []}
+    try:
+        import tensorrt
+    except Exception as exc:  # noqa: BLE001 - a broken install is reported like a missing one
+        return {"status": f"skipped: TensorRT does not import here ({type(exc).__name__}: {exc})", "rows": []}
+    from export import to_trt
+    from export import trt_build as tb
+
+    profile = tb.ShapeProfile.parse(*TRT_PROFILE)
+    rows: list[dict[str, Any]] = []
+    for precision, attention in TRT_BUILDS:
+        row = {"model": "esc", "precision": precision, "attention": attention, "profile": profile.describe()}
+        if budget.spent():
+            rows.append({**row, "status": f"not measured: time budget ({budget.seconds:.0f} s) spent"})
+            continue
+
+        def work(precision: str = precision, attention: str = attention) -> dict[str, Any]:
+            import copy
+
+            from models import create_model
+            from runtimes.trt_runner import TensorRTRunner
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # random weights: the engine is checked against the same model
+                model = create_model("esc", 4, attention="sdpa", deploy=False)
+            try:
+                built = tb.build_trt_engine(model, out / "engines" / f"esc_x4_{attention}_{precision}.engine",
+                                            precision=precision, attention=attention, profile=profile)
+            except tb.TrtEnvironmentError as exc:
+                raise Unavailable(" ".join(exc.missing)) from exc
+            reference = copy.deepcopy(model).deploy().to(plan.device).float().eval()
+            parity, ok = to_trt.parity_gate(built.engine, reference, tb.synthetic_images(profile), precision)
+            with TensorRTRunner(built.engine) as runner:
+                latency = tb.benchmark(runner.infer, profile.opt, iterations=plan.model_repeat)
+            return {"engine": built.engine.name, "build_s": round(built.build_seconds, 1),
+                    "parity": "; ".join(text for _, text in parity), "parity_passed": ok, **latency}
+
+        rows.append(_guarded(row, work))
+    return {"status": f"TensorRT {tensorrt.__version__}", "rows": rows}
+
+
+def tensorrt_markdown(trt: dict[str, Any]) -> str:
+    """The README section of :func:`tensorrt_table`."""
+    lines = ["", f"## TensorRT engines: {trt['status']}", ""]
+    if trt["rows"]:
+        lines += ["| model | attention | precision | profile | build s | median ms | parity | status |",
+                  "|---|---|---|---|---:|---:|---|---|"]
+        lines += [f"| {r['model']} | {r['attention']} | {r['precision']} | {r['profile']} | {_fmt(r.get('build_s'), '.1f')} "
+                  f"| {_fmt(r.get('median_ms'))} | {r.get('parity', '')} | {r['status']} {r.get('error', '')} |"
+                  for r in trt["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def paper_key(row: dict[str, Any]) -> str:
     """The :data:`PAPER_FIGURES` entry a model row is compared with (ESC-Real: by attention; its
     FlashBias figure is for the FlashBias form, whatever back-end runs it)."""
@@ -491,10 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / "kernel.json", kernel, plan)
     models = model_table(plan, budget)
     write_json(args.out / "models.json", {"rows": models, "paper": PAPER_FIGURES, "ratios": ratios(models)}, plan)
+    trt = tensorrt_table(plan, budget, args.out)
+    write_json(args.out / "tensorrt.json", trt, plan)
     from runtimes.metadata import write_text_atomic
 
-    write_text_atomic(args.out / "README.md", markdown(env, tests, kernel, models, plan))
-    errors = [r for r in kernel + models if r["status"] == "error"]
+    write_text_atomic(args.out / "README.md", markdown(env, tests, kernel, models, plan) + tensorrt_markdown(trt))
+    errors = [r for r in kernel + models + trt["rows"] if r["status"] == "error"]
     for r in errors:
         print(f"error row: {r}", file=sys.stderr)
     tests_bad = not args.skip_tests and not plan.dry_run and tests["status"] != "passed"

@@ -108,13 +108,16 @@ def _ptx_row(args: argparse.Namespace, step: tb.OnnxStep) -> tuple[str, str]:
     """Compile the plugin's AOT kernel (no GPU needed) as the dry run's last check."""
     if args.attention != "plugin" or args.jit:
         return ("AOT kernel", "not used")
+    from runtimes.plugin_ops.tensorrt_plugin import AOT_PARAMS, aot_ptx
+
     try:
         kernel, target = dry_run_kernel(step.metadata, args.ptx_target, args.ptx_version)
+        ptx = aot_ptx(kernel)
     except Exception as exc:  # report, do not fail the dry run: the build would say the same
         return ("AOT kernel", f"NOT compiled: {type(exc).__name__}: {exc}")
-    version = kernel.asm["ptx"].split(".version", 1)[-1].split()[0] if ".version" in kernel.asm["ptx"] else "?"
+    version = ptx.split(".version", 1)[-1].split()[0] if ".version" in ptx else "?"
     return ("AOT kernel", f"{kernel.metadata.name} compiled to PTX {version} for {target} "
-                          f"({len(kernel.asm['ptx'])} chars, {kernel.metadata.num_warps} warps, "
+                          f"({len(ptx)} chars, {AOT_PARAMS} parameters, {kernel.metadata.num_warps} warps, "
                           f"{kernel.metadata.shared} B shared memory): what the build embeds")
 
 

@@ -417,23 +417,50 @@ def export_for_trt(model: "ESCBase", output: Path, attention: str = "plugin", pr
 
 
 # -- 3. engine ----------------------------------------------------------------------------------------
-def mark_attention_decomposable(network: Any) -> int:
+#: Layer types that bound an ``IAttention`` -> the class :func:`mark_attention_decomposable` casts to.
+ATTENTION_BOUNDARY_LAYERS = (("ATTENTION_INPUT", "IAttentionInputLayer"), ("ATTENTION_OUTPUT", "IAttentionOutputLayer"))
+
+
+def mark_attention_decomposable(network: Any, trt: Any) -> int:
     """Let every parsed ``IAttention`` fall back to several kernels; returns how many were marked.
 
     TensorRT's ONNX ``Attention`` importer builds non-decomposable ``IAttention``s, which
     must map to one fused kernel; ESC's (head size 16, a 1024x1024 float mask) may have
     none, and the build would fail. Each ``IAttention`` shows in the network as its
-    boundary layers (``attention`` property); marking one is enough, duplicates are
-    skipped.
+    boundary layers, whose ``attention`` property is the ``IAttention``. Two things about
+    TensorRT's Python objects decide how they are found:
+
+    * ``network.get_layer(i)`` returns the base ``ILayer`` (pybind11 cannot see the
+      layer's own class), which has no ``attention``: each layer is cast by its ``type``
+      (``layer.__class__ = trt.IAttentionInputLayer``), as Polygraphy does;
+    * the Python wrappers are made per call and freed after, so ``id()`` values repeat:
+      the ``IAttention``s are told apart and counted by ``name``.
+
+    Raises :class:`TrtBuildError` when the network holds no ``IAttention`` (nothing would
+    be marked and the build would fail later, or silently differ from what was asked).
     """
-    seen: set[int] = set()
+    layer_types = trt.LayerType
+    casts = {getattr(layer_types, kind): getattr(trt, cls) for kind, cls in ATTENTION_BOUNDARY_LAYERS
+             if hasattr(layer_types, kind)}
+    if not casts:
+        raise TrtBuildError(f"TensorRT {getattr(trt, '__version__', '?')} has no IAttention layers "
+                            f"(LayerType.ATTENTION_INPUT): --attention native needs TensorRT >= "
+                            f"{'.'.join(map(str, MIN_NATIVE_ATTENTION_TRT))}")
+    marked: set[str] = set()
     for index in range(network.num_layers):
-        attention = getattr(network.get_layer(index), "attention", None)
-        if attention is None or id(attention) in seen:
+        layer = network.get_layer(index)
+        cast = casts.get(layer.type)
+        if cast is None:
             continue
+        layer.__class__ = cast
+        attention = layer.attention
         attention.decomposable = True
-        seen.add(id(attention))
-    return len(seen)
+        marked.add(attention.name)
+    if not marked:
+        raise TrtBuildError(f"the parsed network ({network.num_layers} layers) holds no IAttention to mark "
+                            f"decomposable: the --attention native ONNX file should hold one Attention node per "
+                            f"attention layer; re-export it (--reexport) or use --attention plugin")
+    return len(marked)
 
 
 def softmax_precision(attention: str, precision: str) -> str:
@@ -491,9 +518,10 @@ def _build_serialized_engine(onnx_path: Path, engine_path: Path, profile: ShapeP
     if not parser.parse_from_file(str(onnx_path)):
         raise TrtBuildError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(_parser_errors(parser)))
     if attention == "native":
-        marked = mark_attention_decomposable(network)
+        marked = mark_attention_decomposable(network, trt)
         if progress:
-            progress(f"{marked} IAttention(s) marked decomposable (several kernels allowed where no fused one fits)")
+            progress(f"{marked} IAttention(s) marked decomposable, by name (several kernels allowed where no fused "
+                     f"one fits)")
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if INPUT_NAME not in names:
         raise TrtBuildError(f"{onnx_path} has inputs {names}; expected '{INPUT_NAME}'")

@@ -58,6 +58,9 @@ def test_dry_run_writes_labelled_tables(tmp_path: Path) -> None:
     assert {r["model"] for r in peers} == set(ge.PEERS)
     assert all(r["status"] == "ok" or r["status"].startswith("not measured") for r in peers)
 
+    trt = json.loads((out / "tensorrt.json").read_text())["data"]   # no engine on a CPU, and it says so
+    assert trt == {"status": "skipped: dry run (engines need TensorRT and a GPU)", "rows": []}
+    assert "## TensorRT engines: skipped: dry run" in (out / "README.md").read_text()
 
 def test_a_skipped_test_is_never_a_pass(tmp_path: Path) -> None:
     xml = tmp_path / "t.xml"
@@ -126,3 +129,25 @@ def test_spent_budget_leaves_rows_unmeasured_not_faked() -> None:
     rows = ge.model_table(ge.Plan.tiny(), ge.Budget(0))
     assert rows and all(r["status"].startswith("not measured: time budget") for r in rows)
     assert not any("median_ms" in r or "peak_mib" in r for r in rows)
+
+
+def test_tensorrt_rows_say_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where TensorRT imports but cannot build (here: no GPU), each engine row says why; none is an error."""
+    from types import SimpleNamespace
+
+    from export import trt_build as tb
+
+    def refuse(model, output, **options):
+        raise tb.TrtEnvironmentError(SimpleNamespace(path=output), [f"no CUDA GPU ({options['attention']})"])
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.13.0.35"))
+    monkeypatch.setattr(tb, "build_trt_engine", refuse)
+    plan = ge.Plan.gpu(30)
+    trt = ge.tensorrt_table(plan, ge.Budget(60), tmp_path)
+    assert trt["status"] == "TensorRT 10.13.0.35"
+    assert [(r["precision"], r["attention"], r["status"]) for r in trt["rows"]] == [
+        (p, a, f"not measured: no CUDA GPU ({a})") for p, a in ge.TRT_BUILDS]
+    assert "| esc | native | fp16 |" in ge.tensorrt_markdown(trt)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert ge.tensorrt_table(plan, ge.Budget(60), tmp_path)["status"].startswith("skipped: TensorRT does not import")
+    assert ge.tensorrt_table(ge.Plan.tiny(), ge.Budget(60), tmp_path)["status"].startswith("skipped: dry run")

@@ -3,14 +3,17 @@
 Without TensorRT and a GPU (the CI machines) this checks everything up to the engine:
 
 * every golden checkpoint exported in plugin form (static golden size, batch 1: export
-  is ~20-45 s per model here) runs in ONNX Runtime CPU through the reference node and
-  reproduces the golden ``sr`` within the fp32 parity threshold (``threshold_for("fp32")``);
+  is ~20-45 s per model here; shared with the other TensorRT modules through ``artifacts``)
+  runs in ONNX Runtime CPU through the reference node and reproduces the golden ``sr``
+  within the fp32 parity threshold (``threshold_for("fp32")``);
 * the graph: no Softmax, no Reshape to rank >= 6, one plugin node per block with the
   attribute layout TensorRT's ONNX parser needs, the table as an initializer;
 * ``export/to_trt.py`` writes a valid plugin-form ONNX, names TensorRT as missing and
-  exits 2; ``--dry-run`` exits 0;
-* the AOT kernel compiles to PTX for sm_90 without a GPU, and the plugin's registration
-  code runs against a stand-in ``tensorrt.plugin`` that checks the documented schemas;
+  exits 2; ``--dry-run`` exits 0 (a tiny 16x16-window checkpoint: size does not matter);
+* the AOT kernel compiles to PTX for sm_90 without a GPU; the plugin itself runs through
+  NVIDIA's real ``tensorrt.plugin`` in ``test_trt_real_plugin.py``, the TensorRT API the
+  build and runner use is checked in ``test_trt_api_surface.py``;
+* the native path marks parsed ``IAttention``s on a network that behaves like pybind11's;
 * the TensorRT runner refuses clearly without TensorRT.
 
 A ``gpu``-marked test builds and runs real engines where TensorRT and CUDA exist.
@@ -28,13 +31,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import golden_index
 import torch
+import trt_real
+from conftest import golden_index
 from onnx import TensorProto, helper, numpy_helper
+from plugin_exports import PLUGIN_CASE, golden_plugin_export, window16_checkpoint
+from trt_stub_api import StubAPI, fake_tensorrt, parsed_network, tensorrt_api_or_skip
 
 from export.plugin_onnx import (
     PluginExportError,
-    export_plugin_onnx,
     verify_plugin_graph,
 )
 from models.kernels.reference import window_attention_reference
@@ -71,33 +76,17 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-# -- golden cases: export once per case ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def plugin_exports(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return {"dir": tmp_path_factory.mktemp("plugin_onnx")}
-
-
-def _export_case(name: str, golden_dir: Path, cache: dict) -> dict:
-    if name in cache:
-        return cache[name]
-    from models import load_model
-
-    model = load_model(golden_dir / f"{name}.pth", attention="sdpa")
-    io = torch.load(golden_dir / f"{name}.io.pt")
-    h, w = io["lr"].shape[-2:]
-    report = export_plugin_onnx(model, cache["dir"] / f"{name}.onnx", shape=(h, w), batch=1, check_parity=False)
-    attn = model.attention_modules()
-    cache[name] = {"report": report, "io": io, "n_blocks": len(attn), "window": attn[0].window,
-                   "heads": attn[0].heads, "scale": model.scale}
-    return cache[name]
+# -- golden cases: export once per case (conftest's artifacts cache, shared across modules) -----------------
+def _export_case(name: str, golden_dir: Path, artifacts) -> dict:
+    return golden_plugin_export(artifacts, golden_dir, name)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _golden_cases())
-def test_plugin_onnx_matches_golden_in_onnxruntime(name: str, golden_dir: Path, plugin_exports: dict) -> None:
+def test_plugin_onnx_matches_golden_in_onnxruntime(name: str, golden_dir: Path, artifacts) -> None:
     if name == "missing-golden-data":
         pytest.skip("shared/golden/index.json is missing")
-    case = _export_case(name, golden_dir, plugin_exports)
+    case = _export_case(name, golden_dir, artifacts)
     report, io = case["report"], case["io"]
     proto = onnx.load(str(report.path))
     onnx.checker.check_model(proto, full_check=True)
@@ -117,9 +106,9 @@ def test_plugin_onnx_matches_golden_in_onnxruntime(name: str, golden_dir: Path, 
     assert err <= GOLDEN_TOL, f"{name}: {err:.2e} > {GOLDEN_TOL}"
 
 
-def test_plugin_node_layout(golden_dir: Path, plugin_exports: dict) -> None:
+def test_plugin_node_layout(golden_dir: Path, artifacts) -> None:
     """The attribute layout TensorRT's parser binds: op_type, plugin_namespace, aot, window, heads."""
-    case = _export_case("esc_x2_37x53_b1", golden_dir, plugin_exports)
+    case = _export_case(PLUGIN_CASE, golden_dir, artifacts)
     proto = onnx.load(str(case["report"].path))
     assert proto.ir_version == 10
     assert {(o.domain, o.version) for o in proto.opset_import} >= {("", 18), (PLUGIN_DOMAIN, 1)}
@@ -140,11 +129,11 @@ def test_plugin_node_layout(golden_dir: Path, plugin_exports: dict) -> None:
     assert [n.op_type for n in consumers] == ["Conv"]
 
 
-def test_onnx_runner_loads_plugin_graph(golden_dir: Path, plugin_exports: dict) -> None:
+def test_onnx_runner_loads_plugin_graph(golden_dir: Path, artifacts) -> None:
     """runtimes.onnx_runner runs the plugin-form file by path (its session-options hook registers the op)."""
     from runtimes.base import load
 
-    case = _export_case("esc_x2_37x53_b1", golden_dir, plugin_exports)
+    case = _export_case(PLUGIN_CASE, golden_dir, artifacts)
     with load(str(case["report"].path)) as runner:
         assert runner.scale == 2 and runner.attention == "plugin"
         got = runner.infer(case["io"]["lr"])
@@ -242,14 +231,23 @@ def test_verify_plugin_graph_rejects_wrong_graphs() -> None:
 
 
 # -- the command line without TensorRT --------------------------------------------------------------------
+def _without_tensorrt(tmp_path: Path) -> Path:
+    """A folder whose ``tensorrt`` package refuses to import: first on PYTHONPATH, TensorRT is absent."""
+    blocker = tmp_path / "no-tensorrt" / "tensorrt"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("No module named \'tensorrt\' (hidden by the test)")\n')
+    return blocker.parent
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here: the build itself is covered by the gpu test")
-def test_to_trt_without_tensorrt_writes_onnx_and_exits_2(golden_dir: Path, tmp_path: Path) -> None:
-    weights = golden_dir / "esc_x2_37x53_b1.pth"
+def test_to_trt_without_tensorrt_writes_onnx_and_exits_2(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """TensorRT hidden (installed or not): the plugin-form ONNX is written, TensorRT is named, exit 2; --dry-run 0."""
+    weights = window16_checkpoint(tiny_checkpoint, tmp_path)
     engine = tmp_path / "x.engine"
+    env = _clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(_without_tensorrt(tmp_path)), env["PYTHONPATH"]])
     run = subprocess.run([sys.executable, str(REPO / "export" / "to_trt.py"), "--weights", str(weights),
-                          "-o", str(engine)], capture_output=True, text=True, env=_clean_env(), cwd=tmp_path,
-                         timeout=900)
+                          "-o", str(engine)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert run.returncode == 2, run.stderr[-3000:]
     assert "TensorRT" in run.stderr and "pip install tensorrt" in run.stderr
     assert "Traceback" not in run.stderr
@@ -258,16 +256,17 @@ def test_to_trt_without_tensorrt_writes_onnx_and_exits_2(golden_dir: Path, tmp_p
     assert str(onnx_files[0]) in run.stderr
     proto = onnx.load(str(onnx_files[0]))
     onnx.checker.check_model(proto, full_check=True)
-    info = verify_plugin_graph(proto, n_blocks=5, window=32, heads=4)
+    info = verify_plugin_graph(proto, n_blocks=1, window=16, heads=1)
     assert info.aot
     assert not list(tmp_path.glob("*.engine")) and not list(tmp_path.glob(".*.tmp"))
 
     # --dry-run: everything up to the build (the ONNX file is reused), exit 0.
     dry = subprocess.run([sys.executable, "-m", "export.to_trt", "--weights", str(weights), "-o", str(engine),
-                          "--dry-run"], capture_output=True, text=True, env=_clean_env(), cwd=REPO, timeout=900)
+                          "--dry-run"], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "reusing" in dry.stderr and "dry run" in dry.stdout
     assert "esc_window_attention compiled to PTX" in dry.stdout or not HAS_TRITON
+    assert "8 parameters" in dry.stdout or not HAS_TRITON
     assert not list(tmp_path.glob("*.engine"))
 
 
@@ -305,155 +304,6 @@ def test_launch_config_matches_the_triton_launcher() -> None:
         # models.kernels.window_attention_triton's grid and scalar arguments
         assert grid == (32 * 32 // 64, -(-h // 32) * -(-w // 32), b * 4)
         assert scalars == (h, w, max(2 * (h - 1), 1), max(2 * (w - 1), 1), -(-w // 32))
-
-
-_TRT_STUB = '''
-"""Stand-in for tensorrt / tensorrt.plugin that checks the documented QDP schemas."""
-__version__ = "10.99.0-stub"
-
-
-class DataType:
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return "DataType." + self.name
-
-    __str__ = __repr__
-
-
-float32, float16, bfloat16 = DataType("FLOAT"), DataType("HALF"), DataType("BF16")
-'''
-
-_TRTP_STUB = '''
-import builtins
-import inspect
-import typing
-
-REGISTRY = {}
-
-
-class TensorDesc:
-    def __init__(self, shape_expr=None, dtype=None):
-        self.shape_expr, self.dtype = shape_expr, dtype
-
-
-class Tensor:
-    pass
-
-
-class KernelLaunchParams:
-    def __init__(self):
-        self.grid_x = self.grid_y = self.grid_z = self.block_x = self.block_y = self.block_z = 1
-        self.shared_mem = 0
-
-
-class SymExprs:
-    def __init__(self, n):
-        self._exprs = [None] * n
-
-    def __setitem__(self, i, v):
-        self._exprs[i] = v
-
-    def __getitem__(self, i):
-        return self._exprs[i]
-
-    def __len__(self):
-        return len(self._exprs)
-
-
-class SymIntExprs(SymExprs):
-    pass
-
-
-class SymInt32:
-    def __init__(self, value):
-        self.value = value
-
-
-def from_shape_expr(shape, dtype):
-    return TensorDesc(tuple(shape), dtype)
-
-
-def cdiv(a, b):
-    return -(-a // b)
-
-
-def max(a, b):
-    return builtins.max(a, b)
-
-
-def register(plugin_id):
-    def deco(fn):
-        sig = inspect.signature(fn)
-        for name, p in sig.parameters.items():
-            assert p.annotation is not inspect.Parameter.empty, f"register: {name} has no annotation"
-            assert p.annotation is TensorDesc or p.annotation in (int, float, str, bool, bytes), name
-        assert sig.return_annotation is TensorDesc
-        tensors = [n for n, p in sig.parameters.items() if p.annotation is TensorDesc]
-        attrs = [n for n, p in sig.parameters.items() if p.annotation is not TensorDesc]
-        REGISTRY[plugin_id] = {"register": fn, "tensors": tensors, "attrs": attrs}
-        return fn
-    return deco
-
-
-def impl(plugin_id):
-    def deco(fn):
-        d = REGISTRY[plugin_id]
-        names = list(inspect.signature(fn).parameters)
-        assert names == d["tensors"] + d["attrs"] + ["outputs", "stream"], names
-        d["impl"] = fn
-        return fn
-    return deco
-
-
-def aot_impl(plugin_id):
-    def deco(fn):
-        d = REGISTRY[plugin_id]
-        sig = inspect.signature(fn)
-        assert list(sig.parameters) == d["tensors"] + d["attrs"] + ["outputs", "tactic"], list(sig.parameters)
-        ret = sig.return_annotation
-        assert typing.get_origin(ret) is tuple, ret
-        args = typing.get_args(ret)
-        assert len(args) == 4 and args[2] is KernelLaunchParams and issubclass(args[3], SymExprs), ret
-        d["aot_impl"] = fn
-        return fn
-    return deco
-'''
-
-_PLUGIN_PROBE = '''
-import json, re, sys
-import tensorrt
-import tensorrt.plugin as trtp
-from runtimes.plugin_ops import tensorrt_plugin
-
-info = tensorrt_plugin.register_plugin(target="cuda:90")
-entry = trtp.REGISTRY["esc::window_attention"]
-result = {"info": {k: info[k] for k in ("registered", "aot", "target")}}
-for dtype in (tensorrt.float16, tensorrt.float32):
-    qkv = trtp.TensorDesc((2, 192, 37, 53), dtype)
-    table = trtp.TensorDesc((4, 63 * 63), dtype)
-    out = entry["register"](qkv, table, 32, 4)
-    name, ptx, params, extra = entry["aot_impl"](qkv, table, 32, 4, (out,), 0)
-    params_decl = re.search(r"\\.entry\\s+(\\w+)\\s*\\((.*?)\\)", ptx, re.S)
-    result[str(dtype)] = {
-        "out_shape": list(out.shape_expr), "out_dtype": str(out.dtype), "name": name,
-        "entry": params_decl.group(1), "params": re.findall(r"\\.param\\s+\\.(\\w+)", params_decl.group(2)),
-        "target": re.search(r"\\.target\\s+(\\S+)", ptx).group(1),
-        "grid": [params.grid_x, params.grid_y, params.grid_z], "block": params.block_x,
-        "shared": params.shared_mem, "scalars": [e.value for e in extra],
-    }
-print(json.dumps(result))
-'''
-
-
-def _write_trt_stub(tmp_path: Path, version: str = "10.99.0-stub") -> Path:
-    """A folder holding the stand-in ``tensorrt`` package (put it first on PYTHONPATH)."""
-    stub = tmp_path / "stub" / "tensorrt"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text(_TRT_STUB.replace('"10.99.0-stub"', f'"{version}"'))
-    (stub / "plugin.py").write_text(_TRTP_STUB)
-    return stub.parent
 
 
 def _run_clean(code: str, extra_path: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -532,31 +382,12 @@ def test_compile_ptx_without_gpu() -> None:
     assert out["ptx80"] == "8.0"
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the stand-in would shadow it")
-def test_plugin_registration_against_documented_schema(tmp_path: Path) -> None:
-    """register/impl/aot_impl signatures, shape and type inference, AOT launch parameters (stand-in TensorRT)."""
-    run = _run_clean(_PLUGIN_PROBE, extra_path=_write_trt_stub(tmp_path))
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["info"] == {"registered": True, "aot": True, "target": "cuda:90"}
-    for dtype in ("DataType.HALF", "DataType.FLOAT"):
-        r = out[dtype]
-        assert r["out_shape"] == [2, 64, 37, 53] and r["out_dtype"] == dtype
-        assert r["name"] == r["entry"] == "esc_window_attention"
-        assert r["target"].startswith("sm_90")
-        # inputs, int32 scalars, output; then Triton's two hidden scratch pointers (never read)
-        assert r["params"][:8] == ["u64", "u64", "u32", "u32", "u32", "u32", "u32", "u64"]
-        assert r["grid"] == [16, 4, 8] and r["block"] == 128
-        assert 0 < r["shared"] <= 48 * 1024
-        assert r["scalars"] == [37, 53, 72, 104, 2]
-
-
 # -- the runner ----------------------------------------------------------------------------------------
-@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
-def test_trt_runner_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
+def test_trt_runner_without_tensorrt_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from runtimes.base import RunnerError, load, runner_class_for
     from runtimes.trt_runner import TensorRTRunner
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)   # TensorRT absent, installed or not
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not really an engine")
@@ -674,35 +505,40 @@ def test_probe_environment_reads_the_triton_floor(monkeypatch: pytest.MonkeyPatc
     assert any("Triton 3.3.1 is too old" in m for m in env.missing("plugin"))
 
 
-class _FakeAttention:
-    decomposable = False
+@pytest.fixture(scope="module")
+def trt_1013() -> StubAPI:
+    """TensorRT 10.13's Python API from its stubs (plus the 10.14+ IAttention classes)."""
+    return tensorrt_api_or_skip()
 
 
-class _FakeNetwork:
-    """Layers as TensorRT's parser leaves them: IAttention boundary layers share one IAttention."""
+def test_parsed_attention_layers_are_marked_decomposable(trt_1013: StubAPI) -> None:
+    """On a pybind11-like network (fresh base-class wrappers per call), every IAttention is marked once.
 
-    def __init__(self, attentions: int) -> None:
-        self.attentions = [_FakeAttention() for _ in range(attentions)]
-        self.layers = [type("Conv", (), {})()]
-        for attention in self.attentions:   # an input and an output boundary layer each
-            self.layers += [type("AttentionInput", (), {"attention": attention})(),
-                            type("AttentionOutput", (), {"attention": attention})()]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def get_layer(self, index: int) -> object:
-        return self.layers[index]
-
-
-def test_parsed_attention_layers_are_marked_decomposable() -> None:
+    The old code read ``.attention`` off ``get_layer(i)`` uncast and marked none (returned 0).
+    """
     from export import trt_build as tb
 
-    network = _FakeNetwork(3)
-    assert tb.mark_attention_decomposable(network) == 3
-    assert all(a.decomposable for a in network.attentions)
-    assert tb.mark_attention_decomposable(_FakeNetwork(0)) == 0
+    trt, fake = fake_tensorrt(trt_1013)
+    layers = parsed_network(fake, 3)
+    network = trt.Builder(trt.Logger()).create_network(0)
+    assert network.get_layer(1) is not network.get_layer(1)     # a new wrapper per call
+    with pytest.raises(AttributeError):
+        network.get_layer(1).attention                           # the base ILayer until cast
+    assert tb.mark_attention_decomposable(network, trt) == 3
+    assert all(layer["_attention"]["decomposable"] for layer in layers[1:])
+
+
+def test_native_marking_refuses_a_network_without_attention(trt_1013: StubAPI) -> None:
+    """One IAttention is marked (the gate's edge); none is a build error naming the fix, not a silent 0."""
+    from export import trt_build as tb
+
+    trt, fake = fake_tensorrt(trt_1013)
+    parsed_network(fake, 1)
+    assert tb.mark_attention_decomposable(trt.Builder(trt.Logger()).create_network(0), trt) == 1
+    trt, fake = fake_tensorrt(trt_1013)
+    parsed_network(fake, 0)
+    with pytest.raises(tb.TrtBuildError, match=r"holds no IAttention .*\(--reexport\) or use --attention plugin"):
+        tb.mark_attention_decomposable(trt.Builder(trt.Logger()).create_network(0), trt)
 
 
 def test_summary_states_the_softmax_precision() -> None:
@@ -750,34 +586,44 @@ def test_profile_shorthand_is_width_by_height() -> None:
 
 
 _DRY_RUN_PTX_PROBE = '''
-import json, re
-import tensorrt
-import tensorrt.plugin as trtp
+import json, re, sys
+import onnx
+import tensorrt as trt
+import trt_qdp_driver as driver
 from runtimes.plugin_ops import tensorrt_plugin
 from runtimes.metadata import ArtifactMetadata
 from export.to_trt import dry_run_kernel
 
 tensorrt_plugin.driver_ptx_version = lambda: 80   # an older driver: PTX ISA 8.0 at most
 tensorrt_plugin.register_plugin()                 # what the build does (no --ptx-target / --ptx-version)
-entry = trtp.REGISTRY["esc::window_attention"]
-qkv = trtp.TensorDesc((1, 192, 64, 64), tensorrt.float16)
-table = trtp.TensorDesc((4, 63 * 63), tensorrt.float16)
-out = entry["register"](qkv, table, 32, 4)
-_, build_ptx, _, _ = entry["aot_impl"](qkv, table, 32, 4, (out,), 0)
+node = onnx.load(sys.argv[1]).graph.node[0]
+plugin, _ = driver.parse_node(node, "op_type")
+build_ptx = driver.build(plugin, trt.DataType.HALF, trt.DataType.HALF, 192, (4, 63 * 63))["ptx"]
 meta = ArtifactMetadata(precision="fp16", extra={"plugin_window": "32", "plugin_heads": "4"})
 kernel, target = dry_run_kernel(meta, None, None)
-uncapped = tensorrt_plugin.compile_kernel("fp16", 32, 4, target=target).asm["ptx"]
+dry_ptx = tensorrt_plugin.aot_ptx(kernel)
+uncapped = tensorrt_plugin.compile_ptx("fp16", 32, 4, target=target)
 version = lambda ptx: re.search(r"\\.version\\s+(\\S+)", ptx).group(1)
-print(json.dumps({"same": kernel.asm["ptx"] == build_ptx, "build": version(build_ptx),
-                  "dry": version(kernel.asm["ptx"]), "uncapped": version(uncapped), "target": target}))
+print(json.dumps({"same": dry_ptx == build_ptx, "build": version(build_ptx), "dry": version(dry_ptx),
+                  "uncapped": version(uncapped), "target": target}))
 '''
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the stand-in would shadow it")
-def test_dry_run_ptx_is_what_the_build_embeds(tmp_path: Path) -> None:
-    """Same target and driver PTX cap in both: the dry run's PTX equals the AOT impl's (stand-in TensorRT)."""
-    run = _run_clean(_DRY_RUN_PTX_PROBE, extra_path=_write_trt_stub(tmp_path))
+def test_dry_run_ptx_is_what_the_build_embeds(artifacts, tmp_path: Path) -> None:
+    """Same target and driver PTX cap: the dry run's PTX is what TensorRT 11.4's real plugin path gets."""
+    stage = trt_real.staged("11.4", artifacts)
+    table = np.zeros((4, 63 * 63), np.float16)
+    graph = helper.make_graph([make_plugin_node("qkv", "table", "out", 32, 4, name="blocks.0.attn/window_attention")],
+                              "one", [helper.make_tensor_value_info("qkv", TensorProto.FLOAT16, ["b", 192, "h", "w"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT16, ["b", 64, "h", "w"])],
+                              initializer=[numpy_helper.from_array(table, "table")])
+    path = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    env = _clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(stage), env["PYTHONPATH"], str(REPO / "tests")])
+    run = subprocess.run([sys.executable, "-c", _DRY_RUN_PTX_PROBE, str(path)], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["same"], out
@@ -799,11 +645,11 @@ def test_failed_plugin_registration_is_carried(monkeypatch: pytest.MonkeyPatch, 
     def fail(plugin_id):
         raise cause
 
-    identity = lambda plugin_id: (lambda fn: fn)   # noqa: E731
+    identity = lambda plugin_id, **options: (lambda fn: fn)   # noqa: E731
     trtp = SimpleNamespace(register=identity, impl=identity, aot_impl=fail, TensorDesc=object,
                            KernelLaunchParams=object, SymIntExprs=object)
     monkeypatch.setattr(tp, "import_tensorrt", lambda: (SimpleNamespace(__version__="10.13.0"), trtp))
-    monkeypatch.setattr(tp, "_STATE", {"registered": False, "aot": False, "target": None, "error": None})
+    monkeypatch.setattr(tp, "_STATE", {**tp._STATE, "registered": False, "aot": False, "error": None})
     monkeypatch.setattr(tp, "driver_ptx_version", lambda: None)
     for _ in range(2):   # the second call must not retry (double registration) nor hide the cause
         with pytest.raises(tp.PluginRegistrationError, match="rejected the signature") as info:
@@ -826,7 +672,7 @@ def test_failed_plugin_registration_is_carried(monkeypatch: pytest.MonkeyPatch, 
                               build, cause) is loaded
 
 
-def test_parity_gate_fails_on_a_corrupted_artifact(golden_dir: Path, plugin_exports: dict, tmp_path: Path) -> None:
+def test_parity_gate_fails_on_a_corrupted_artifact(golden_dir: Path, artifacts, tmp_path: Path) -> None:
     """to_trt's gate (the one threshold table): a corrupted ONNX constant fails it, the intact file passes.
 
     TensorRT is absent here, so the gate runs the plugin-form ONNX (what the engine is
@@ -836,7 +682,7 @@ def test_parity_gate_fails_on_a_corrupted_artifact(golden_dir: Path, plugin_expo
     from export.to_trt import parity_gate
     from models import load_model
 
-    case = _export_case("esc_x2_37x53_b1", golden_dir, plugin_exports)
+    case = _export_case(PLUGIN_CASE, golden_dir, artifacts)
     reference = load_model(golden_dir / "esc_x2_37x53_b1.pth", attention="sdpa").eval()
     images = [case["io"]["lr"]]
     rows, ok = parity_gate(case["report"].path, reference, images, "fp32", device="cpu")
@@ -854,17 +700,17 @@ def test_parity_gate_fails_on_a_corrupted_artifact(golden_dir: Path, plugin_expo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the stand-in would shadow it")
-def test_to_trt_native_attention_gate_message(golden_dir: Path, tmp_path: Path) -> None:
-    """With a TensorRT 10.13 (stand-in), --attention native prints the documented 10.14 gate and exits 2."""
+def test_to_trt_native_attention_gate_message(tiny_checkpoint: Path, artifacts, tmp_path: Path) -> None:
+    """Under TensorRT 10.13 (its real tensorrt.plugin, shimmed core), --attention native prints the 10.14 gate, exit 2."""
+    stage = trt_real.staged("10.13", artifacts)
     env = _clean_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(_write_trt_stub(tmp_path, "10.13.2")), env["PYTHONPATH"]])
-    run = subprocess.run([sys.executable, str(REPO / "export" / "to_trt.py"), "--weights",
-                          str(golden_dir / "esc_light_x4_35x35_b1.pth"), "--attention", "native", "--precision",
-                          "fp32", "-o", str(tmp_path / "n.engine")], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=900)
+    env["PYTHONPATH"] = os.pathsep.join([str(stage), env["PYTHONPATH"]])
+    run = subprocess.run([sys.executable, str(REPO / "export" / "to_trt.py"), "--weights", str(tiny_checkpoint),
+                          "--attention", "native", "--precision", "fp32", "-o", str(tmp_path / "n.engine")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert run.returncode == 2, run.stderr[-3000:]
-    assert "missing: TensorRT 10.13.2 cannot parse the ONNX Attention op (opset 23)" in run.stderr
+    version = trt_real.BINDINGS["10.13"].version
+    assert f"missing: TensorRT {version} cannot parse the ONNX Attention op (opset 23)" in run.stderr
     assert "from TensorRT 10.14" in run.stderr and "Traceback" not in run.stderr
 
 

@@ -14,13 +14,25 @@ Node layout (what TensorRT's ONNX parser needs to bind a Python plugin, TensorRT
 
 * ``op_type`` = ``window_attention``: the plugin *name*, as registered with
   ``@trtp.register("esc::window_attention")``;
-* string attribute ``plugin_namespace`` = ``"esc"``: the plugin *namespace*;
+* node ``name``: the block's (``blocks.N.attn/window_attention``), unique, as ONNX Runtime
+  requires. Which name TensorRT's creator receives depends on the parser: onnx-tensorrt 10.6
+  (read from its source) calls ``createPlugin`` with the node's *name*, onnx-tensorrt 10.15
+  with the ``op_type`` ("QDP framework relies on the name passed to createPlugin() being
+  exactly equal to the registered plugin name"); NVIDIA's QDP sample names its ONNX node
+  after the op in 10.9 and ``circ_pad_plugin 0`` from 10.10 on. ``tensorrt.plugin`` looks the
+  plugin up as ``QDP_REGISTRY[f"{namespace}::{name}"]``, so with the node name it fails
+  (KeyError). :mod:`runtimes.plugin_ops.tensorrt_plugin` therefore registers a creator that
+  creates the plugin under its registered name whatever name the parser passes;
+* string attribute ``plugin_namespace`` = ``"esc"``: the plugin *namespace* (10.10+ also
+  accept the node's domain);
 * int attribute ``aot``: 1 asks the parser for the plugin's ahead-of-time implementation
-  (the Triton kernel compiled to PTX and embedded in the engine), 0 for the JIT
-  ``@trtp.impl`` (a Python callback at run time);
-* int attributes ``window`` and ``heads``: the plugin's attributes. The parser hands
-  every other attribute to the plugin creator, which rejects names it does not know, so
-  the node carries nothing else;
+  (``QuickPluginCreationRequest.STRICT_AOT``: the Triton kernel compiled to PTX and embedded
+  in the engine), 0 for the JIT ``@trtp.impl`` (``STRICT_JIT``: a Python callback at run time);
+* int attributes ``window`` and ``heads``: the plugin's attributes. The parser reads
+  ``plugin_namespace``, ``plugin_version`` and ``aot`` itself and hands the creator only the
+  fields the creator declares (``field_names``), each INT attribute as a one-element INT32
+  field; a declared field missing from the node is only a warning, so the node must carry
+  both. Other attributes would be ignored; the node carries nothing else anyway;
 * domain ``esc`` (opset ``esc`` version 1), so ``onnx.checker`` accepts the graph.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ TensorRT >= 10.9 ``tensorrt.plugin`` ("quickly deployable plugins"). :func:`regi
 (which imports TensorRT; importing this module does not) registers:
 
 * ``@trtp.register("esc::window_attention")``: inputs ``qkv`` ``(B, 3*heads*16, H, W)`` and
-  ``table`` ``(heads, (2w-1)^2)``, attributes ``window: int`` and ``heads: int``; output
+  ``table`` ``(heads, (2w-1)^2)``, attributes ``window`` and ``heads``; output
   ``(B, heads*16, H, W)`` as shape expressions of the input dims, dtype = ``qkv``'s;
 * ``@trtp.impl`` (JIT): a Python callback at run time that wraps TensorRT's buffers as
   torch CUDA tensors (``__cuda_array_interface__``) and calls
@@ -16,26 +16,41 @@ TensorRT >= 10.9 ``tensorrt.plugin`` ("quickly deployable plugins"). :func:`regi
   heads)`` and the scalar arguments as symbolic expressions of the input shape, so the
   engine holds the kernel and runs without Python (``trtexec --loadEngine`` included).
 
+Attributes are declared ``numpy.typing.NDArray[np.int32]`` (:data:`IntAttribute`), not
+``int``: TensorRT's ONNX parser hands an INT attribute to the creator as a one-element INT32
+field, and ``tensorrt.plugin`` 10.x turns an ``int``-annotated field into ``int(array)``,
+which NumPy 2 refuses ("only 0-dimensional arrays can be converted to Python scalars"; 11.x
+indexes the element first). An ``NDArray[np.int32]`` field is ``array.astype(np.int32)`` in
+every version; :func:`attribute_int` reads the value back.
+
 The ONNX parser binds a plugin node to this plugin when its ``op_type`` is the plugin name
 (``window_attention``) and its ``plugin_namespace`` attribute the namespace (``esc``); the
 node's ``aot`` attribute selects the AOT implementation (see :mod:`runtimes.plugin_ops.contract`).
+Some parsers pass the node's *name* to ``create_plugin``; the registered creator
+(:func:`_name_tolerant_creator_class`) creates the plugin under its own name either way.
 
 AOT calling convention. TensorRT launches the PTX entry with the input pointers, then the
-``SymIntExprs`` scalars (int32), then the output pointers. The shared kernel
-(``_window_attention_fwd``: ``qkv, table, out, height, width, ...`` with two float scalars)
-does not have that order and TensorRT's extra arguments are integers only, so a thin entry
-kernel, :func:`esc_window_attention`, takes ``(qkv, table, height, width, row_period,
-col_period, n_win_cols, out)`` and calls the shared kernel with ``heads`` and the two
-scales as compile-time constants (the attributes are not serialised into AOT engines; the
-kernel carries them). Triton appends two hidden pointer parameters (global and profile
-scratch) to every kernel; :func:`compile_kernel` refuses a compilation that would need
-scratch memory, so those parameters are never read. Shared memory is kept within the
-48 KiB a launch may use without an opt-in (fewer pipeline stages if needed).
+``SymIntExprs`` scalars (int32), then the output pointers: 8 arguments here
+(:data:`AOT_PARAMS`). The shared kernel (``_window_attention_fwd``: ``qkv, table, out,
+height, width, ...`` with two float scalars) does not have that order and TensorRT's extra
+arguments are integers only, so a thin entry kernel, :func:`esc_window_attention`, takes
+``(qkv, table, height, width, row_period, col_period, n_win_cols, out)`` and calls the
+shared kernel with ``heads`` and the two scales as compile-time constants (the attributes
+are not serialised into AOT engines; the kernel carries them). Triton appends two pointer
+parameters (global and profile scratch) to every kernel's PTX entry, which TensorRT does not
+pass: a launch would read two kernel-parameter slots past the 8 it provides. So
+:func:`compile_kernel` refuses a compilation that needs scratch memory, and :func:`aot_ptx`
+removes the two unused declarations (after checking the PTX never reads them), giving an
+entry with exactly TensorRT's 8 parameters. Shared memory is kept within the 48 KiB a launch
+may use without an opt-in (fewer pipeline stages if needed).
 
 The PTX target and PTX-version cap come from one place, :func:`aot_options` (flags,
 ``ESC_TRT_PTX_TARGET``/``ESC_TRT_PTX_VERSION``, this GPU, the driver's PTX version), for the
 registration the build uses and for ``to_trt --dry-run`` alike, so the dry run reports the
-kernel the engine embeds. A registration that fails is remembered and raised again
+kernel the build embeds. ``tensorrt.plugin`` registers a plugin once per process, so the
+decorators are registered on the first :func:`register_plugin` call and every call sets the
+options the AOT implementation compiles with (a second build with another ``--ptx-target``
+embeds that target's PTX). A registration that fails is remembered and raised again
 (:class:`PluginRegistrationError`, chained to the cause) on every later call. Triton older
 than :data:`models.kernels.triton_support.MIN_TRITON` is refused with a message
 (:data:`TRITON_PROBLEM`), not an ``AttributeError``.
@@ -54,10 +69,13 @@ import re
 import threading
 from typing import Any, Optional, Tuple, Union
 
+import numpy as np
+import numpy.typing as npt
+
 from models.kernels.reference import HEAD_DIM
 from models.kernels.triton_support import MIN_TRITON, triton_too_old_message
 
-from .contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE
+from .contract import PLUGIN_ATTRIBUTES, PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
@@ -66,6 +84,9 @@ DEFAULT_TARGET = "cuda:90"
 MAX_LAUNCH_SHARED = 48 * 1024       # bytes of shared memory a launch gets without an opt-in
 MIN_TRT_VERSION = (10, 9)           # tensorrt.plugin with aot_impl and ONNX "aot" attribute
 ENTRY_NAME = "esc_window_attention"  # the PTX entry (the kernel name TensorRT launches)
+AOT_PARAMS = 8                      # what TensorRT passes: qkv, table, 5 int32 scalars, out
+#: How the plugin declares ``window``/``heads`` (see the module docstring: not ``int``).
+IntAttribute = npt.NDArray[np.int32]
 _LOG2E = math.log2(math.e)
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16",
                 "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
@@ -290,8 +311,46 @@ def compile_kernel(dtype: Any, window: int, heads: int, block_m: int = DEFAULT_B
 
 def compile_ptx(dtype: Any, window: int, heads: int, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
                 target: Any = DEFAULT_TARGET, ptx_version: Optional[int] = None) -> str:
-    """PTX of the AOT entry kernel for ``dtype`` (fp32/fp16/bf16), without needing a GPU."""
-    return compile_kernel(dtype, window, heads, block_m, block_n, target, ptx_version=ptx_version).asm["ptx"]
+    """The PTX TensorRT embeds for ``dtype`` (fp32/fp16/bf16): :func:`aot_ptx`, no GPU needed."""
+    return aot_ptx(compile_kernel(dtype, window, heads, block_m, block_n, target, ptx_version=ptx_version))
+
+
+def aot_ptx(kernel: Any) -> str:
+    """``kernel``'s PTX with an entry that takes exactly TensorRT's :data:`AOT_PARAMS` arguments.
+
+    Triton declares two scratch pointers after the kernel's own parameters; TensorRT
+    passes only the inputs, the extra scalars and the outputs. The declarations are
+    dropped only if the PTX never reads them (:func:`compile_kernel` already refused any
+    kernel that needs scratch memory), so the entry TensorRT launches reads exactly the
+    arguments it is given.
+    """
+    return entry_with_params(kernel.asm["ptx"], kernel.metadata.name, AOT_PARAMS)
+
+
+def entry_with_params(ptx: str, entry: str, count: int) -> str:
+    """``ptx`` whose ``.entry entry(...)`` keeps its first ``count`` parameters; the rest must be unused."""
+    match = re.search(r"\.entry\s+" + re.escape(entry) + r"\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise RuntimeError(f"the PTX has no .entry {entry}")
+    params = [p.strip() for p in match.group(1).split(",") if p.strip()]
+    if len(params) < count:
+        raise RuntimeError(f".entry {entry} has {len(params)} parameters, fewer than the {count} TensorRT passes")
+    body = ptx[match.end():]
+    for declaration in params[count:]:
+        name = declaration.split()[-1]
+        if re.search(r"\b" + re.escape(name) + r"\b", body):
+            raise RuntimeError(f".entry {entry} reads its parameter {name}, which TensorRT's AOT launch does not "
+                               f"pass: the kernel cannot run as a TensorRT AOT plugin")
+    kept = ",\n".join(f"\t{p}" for p in params[:count])
+    return ptx[:match.start(1)] + f"\n{kept}\n" + ptx[match.end(1):]
+
+
+def attribute_int(value: Any) -> int:
+    """The int a plugin attribute holds: ``tensorrt.plugin`` hands a one-element integer array over."""
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "iu":
+        raise ValueError(f"a {PLUGIN_ID} attribute must be one integer, got {value!r}")
+    return int(array.reshape(-1)[0])
 
 
 def launch_config(batch: Any, height: Any, width: Any, window: int, heads: int, block_m: int = DEFAULT_BLOCK_M,
@@ -342,7 +401,12 @@ def dtype_name_of_trt(dtype: Any) -> str:
 
 # -- registration -------------------------------------------------------------------------------------
 _LOCK = threading.Lock()
-_STATE: dict = {"registered": False, "aot": False, "target": None, "error": None}
+#: What is registered, and the AOT options the AOT implementation compiles with (set by every call).
+_STATE: dict = {"registered": False, "aot": False, "error": None, "target": None, "ptx_version": None,
+                "block_m": DEFAULT_BLOCK_M, "block_n": DEFAULT_BLOCK_N, "num_warps": DEFAULT_NUM_WARPS}
+
+
+_CREATORS: list = []
 
 
 class PluginRegistrationError(RuntimeError):
@@ -382,44 +446,48 @@ def aot_options(target: Optional[str] = None, ptx_version: Optional[int] = None)
 
 def register_plugin(target: Optional[str] = None, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
                     num_warps: int = DEFAULT_NUM_WARPS, ptx_version: Optional[int] = None) -> dict:
-    """Register ``esc::window_attention`` with TensorRT (once per process); returns what was registered.
+    """Register ``esc::window_attention`` with TensorRT and set the AOT options; returns the state.
 
-    ``target``/``ptx_version``: see :func:`aot_options`. Raises
+    The decorators are registered once per process (``tensorrt.plugin`` refuses a second
+    definition); every call sets the options the AOT implementation compiles with from
+    then on: ``target``/``ptx_version`` (see :func:`aot_options`), the block sizes and
+    warps. So the engine a build makes after ``register_plugin(target=...)`` embeds that
+    target's PTX, whatever an earlier build asked for. Raises
     :class:`TensorRTUnavailableError` when TensorRT is missing; any other failure raises
     :class:`PluginRegistrationError` (chained to the cause), now and on every later call.
     The AOT implementation is registered when ``tensorrt.plugin`` has ``aot_impl``
     (TensorRT >= 10.9).
     """
     with _LOCK:
-        if _STATE["registered"]:
-            return dict(_STATE)
         if _STATE["error"] is not None:
             cause = _STATE["error"]
             raise PluginRegistrationError(f"registering the {PLUGIN_ID} TensorRT plugin failed earlier in this "
                                           f"process: {type(cause).__name__}: {cause}") from cause
-        trt, trtp = import_tensorrt()
-        try:
-            resolved = aot_options(target, ptx_version)
-            has_aot = _register(trtp, *resolved, block_m, block_n, num_warps)
-        except Exception as exc:
-            _STATE["error"] = exc
-            raise PluginRegistrationError(f"registering the {PLUGIN_ID} TensorRT plugin failed: "
-                                          f"{type(exc).__name__}: {exc}") from exc
-        _STATE.update(registered=True, aot=has_aot, target=resolved[0], ptx_version=resolved[1],
-                      version=getattr(trt, "__version__", "?"), plugin=PLUGIN_ID, name=PLUGIN_NAME,
-                      namespace=PLUGIN_NAMESPACE)
+        resolved = aot_options(target, ptx_version)
+        if not _STATE["registered"]:
+            trt, trtp = import_tensorrt()
+            try:
+                has_aot = _register(trt, trtp)
+            except Exception as exc:
+                _STATE["error"] = exc
+                raise PluginRegistrationError(f"registering the {PLUGIN_ID} TensorRT plugin failed: "
+                                              f"{type(exc).__name__}: {exc}") from exc
+            _STATE.update(registered=True, aot=has_aot, version=getattr(trt, "__version__", "?"), plugin=PLUGIN_ID,
+                          name=PLUGIN_NAME, namespace=PLUGIN_NAMESPACE)
+        _STATE.update(target=resolved[0], ptx_version=resolved[1], block_m=block_m, block_n=block_n,
+                      num_warps=num_warps)
         return dict(_STATE)
 
 
-def _register(trtp: Any, target: str, ptx_version: Optional[int], block_m: int, block_n: int,
-              num_warps: int) -> bool:
-    """The ``tensorrt.plugin`` decorators; returns whether the AOT implementation was registered."""
+def _register(trt: Any, trtp: Any) -> bool:
+    """The ``tensorrt.plugin`` decorators and the creator; returns whether the AOT implementation was registered."""
+    creator_class = _name_tolerant_creator_class()
 
-    @trtp.register(PLUGIN_ID)
-    def window_attention_desc(qkv: trtp.TensorDesc, table: trtp.TensorDesc, window: int,
-                              heads: int) -> trtp.TensorDesc:
+    @trtp.register(PLUGIN_ID, lazy_register=creator_class is not None)
+    def window_attention_desc(qkv: trtp.TensorDesc, table: trtp.TensorDesc, window: IntAttribute,
+                              heads: IntAttribute) -> trtp.TensorDesc:
         dims = qkv.shape_expr
-        return trtp.from_shape_expr((dims[0], heads * HEAD_DIM, dims[2], dims[3]), dtype=qkv.dtype)
+        return trtp.from_shape_expr((dims[0], attribute_int(heads) * HEAD_DIM, dims[2], dims[3]), dtype=qkv.dtype)
 
     @trtp.impl(PLUGIN_ID)
     def window_attention_impl(qkv, table, window, heads, outputs, stream):
@@ -428,8 +496,9 @@ def _register(trtp: Any, target: str, ptx_version: Optional[int], block_m: int, 
         from models.kernels.window_attention_triton import window_attention_triton
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            result = window_attention_triton(tensor_to_torch(qkv), tensor_to_torch(table), int(window),
-                                             int(heads), block_m=block_m, block_n=block_n)
+            result = window_attention_triton(tensor_to_torch(qkv), tensor_to_torch(table), attribute_int(window),
+                                             attribute_int(heads), block_m=_STATE["block_m"],
+                                             block_n=_STATE["block_n"])
             tensor_to_torch(outputs[0]).copy_(result)
 
     has_aot = hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
@@ -437,11 +506,13 @@ def _register(trtp: Any, target: str, ptx_version: Optional[int], block_m: int, 
         launch_return = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 
         def window_attention_aot(qkv, table, window, heads, outputs, tactic) -> launch_return:
-            kernel = compile_kernel(dtype_name_of_trt(qkv.dtype), int(window), int(heads), block_m, block_n,
-                                    target, table_dtype=dtype_name_of_trt(table.dtype), num_warps=num_warps,
-                                    ptx_version=ptx_version)
+            options = dict(_STATE)   # the options of the build that is running (set by register_plugin)
+            window, heads = attribute_int(window), attribute_int(heads)
+            kernel = compile_kernel(dtype_name_of_trt(qkv.dtype), window, heads, options["block_m"],
+                                    options["block_n"], options["target"], table_dtype=dtype_name_of_trt(table.dtype),
+                                    num_warps=options["num_warps"], ptx_version=options["ptx_version"])
             dims = qkv.shape_expr
-            grid, scalars = launch_config(dims[0], dims[2], dims[3], int(window), int(heads), block_m,
+            grid, scalars = launch_config(dims[0], dims[2], dims[3], window, heads, options["block_m"],
                                           cdiv=trtp.cdiv, smax=trtp.max)
             params = trtp.KernelLaunchParams()
             params.grid_x, params.grid_y, params.grid_z = grid
@@ -450,7 +521,46 @@ def _register(trtp: Any, target: str, ptx_version: Optional[int], block_m: int, 
             extra = trtp.SymIntExprs(len(scalars))
             for i, value in enumerate(scalars):
                 extra[i] = trtp.SymInt32(value)
-            return kernel.metadata.name, kernel.asm["ptx"], params, extra
+            return kernel.metadata.name, aot_ptx(kernel), params, extra
 
         trtp.aot_impl(PLUGIN_ID)(window_attention_aot)
+    if creator_class is not None:
+        _register_creator(trt, creator_class)
     return has_aot
+
+
+def _name_tolerant_creator_class() -> Any:
+    """A ``tensorrt.plugin`` creator that creates the plugin under its registered name, or None.
+
+    TensorRT's ONNX parser may call ``create_plugin`` with the ONNX node's *name* (10.6 does,
+    10.15 passes the op type; see :mod:`runtimes.plugin_ops.contract`), and
+    ``tensorrt.plugin``'s own creator then fails to find ``esc::<node name>``. This subclass
+    of its creator (``tensorrt.plugin._lib._TemplatePluginCreator``, the class every
+    ``trtp.register`` uses in 10.9-11.4) passes :data:`PLUGIN_NAME` instead, so the node may
+    be named after its block. None where that class is missing (the plugin is then
+    registered the ordinary way and needs a parser that passes the op type).
+    """
+    try:
+        import importlib
+
+        base = getattr(importlib.import_module("tensorrt.plugin._lib"), "_TemplatePluginCreator", None)
+    except ImportError:
+        return None
+    if base is None:
+        return None
+
+    class NameTolerantCreator(base):
+        def create_plugin(self, name, namespace, fc, phase, qpcr=None):
+            if qpcr is None:   # JIT-only TensorRT (no QuickPluginCreationRequest)
+                return super().create_plugin(PLUGIN_NAME, namespace, fc, phase)
+            return super().create_plugin(PLUGIN_NAME, namespace, fc, phase, qpcr)
+
+    return NameTolerantCreator
+
+
+def _register_creator(trt: Any, creator_class: Any) -> None:
+    """Register one :func:`_name_tolerant_creator_class` creator for the plugin's int32 attributes."""
+    creator = creator_class(PLUGIN_NAME, PLUGIN_NAMESPACE, {name: (False, np.int32) for name in PLUGIN_ATTRIBUTES})
+    if not trt.get_plugin_registry().register_creator(creator, PLUGIN_NAMESPACE):
+        raise RuntimeError(f"TensorRT's plugin registry refused a second creator for {PLUGIN_ID}")
+    _CREATORS.append(creator)   # the registry holds a pointer: keep the Python object alive
