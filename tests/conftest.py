@@ -219,6 +219,74 @@ def _rewire_output(model: onnx.ModelProto, make: Callable[[str, str], list[onnx.
     model.graph.node.extend(make(raw, out))
 
 
+def _graph_constant(model: onnx.ModelProto, name: str, value: float) -> str:
+    from onnx import TensorProto, helper
+
+    model.graph.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+    return name
+
+
+def shift_one_pixel_onnx(src: Path, dst: Path, amount: float) -> Path:
+    """Copy of ``src`` whose output is off by ``amount`` at the value nearest 0.5, exact elsewhere.
+
+    A gate's max-abs leg just past (or just inside) its bound with the PSNR leg untouched;
+    the pixel nearest mid-grey stays inside [0, 1], so clamping cannot hide the shift.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    half, step = _graph_constant(model, "near_half", 0.5), _graph_constant(model, "near_step", amount)
+    _rewire_output(model, lambda raw, out: [
+        helper.make_node("Sub", [raw, half], ["near_centred"]),
+        helper.make_node("Abs", ["near_centred"], ["near_distance"]),
+        helper.make_node("ReduceMin", ["near_distance"], ["near_min"], keepdims=1),
+        helper.make_node("Equal", ["near_distance", "near_min"], ["near_is_it"]),
+        helper.make_node("Cast", ["near_is_it"], ["near_mask"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["near_mask", step], ["near_shift"]),
+        helper.make_node("Add", [raw, "near_shift"], [out])])
+    onnx.save(model, str(dst))
+    return dst
+
+
+def contract_output_onnx(src: Path, dst: Path, k: float) -> Path:
+    """Copy of ``src`` whose output is pulled towards 0.5 by ``k``: ``0.5 + (sr - 0.5)(1 - k)``.
+
+    An error spread over every pixel (a PSNR leg), that stays in [0, 1] wherever the output
+    does; :func:`contraction_for_psnr` picks ``k`` for a target PSNR.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    half, keep = _graph_constant(model, "pull_half", 0.5), _graph_constant(model, "pull_keep", 1.0 - k)
+    _rewire_output(model, lambda raw, out: [
+        helper.make_node("Sub", [raw, half], ["pull_centred"]),
+        helper.make_node("Mul", ["pull_centred", keep], ["pull_scaled"]),
+        helper.make_node("Add", ["pull_scaled", half], [out])])
+    onnx.save(model, str(dst))
+    return dst
+
+
+def contraction_for_psnr(reference: Any, target_db: float) -> float:
+    """The ``k`` of :func:`contract_output_onnx` whose clamped output is ``target_db`` from the clamped
+    ``reference`` (an output of the model, any shape), by bisection in float64."""
+    import numpy as np
+
+    ref = np.asarray(reference, dtype=np.float64)
+    clipped = np.clip(ref, 0.0, 1.0)
+
+    def psnr(k: float) -> float:
+        diff = np.clip(0.5 + (ref - 0.5) * (1.0 - k), 0.0, 1.0) - clipped
+        return -10.0 * np.log10(np.mean(diff * diff))
+
+    low, high = 1e-9, 1.0          # psnr falls as k grows
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if psnr(mid) > target_db else (low, mid)
+    return (low + high) / 2
+
+
 def swap_channels_onnx(src: Path, dst: Path) -> Path:
     """Copy of ``src`` whose output channels come out BGR instead of RGB."""
     import onnx
