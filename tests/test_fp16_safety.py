@@ -58,6 +58,23 @@ def test_prescaled_layernorm_is_exact():
     assert not torch.allclose(ChannelLayerNorm(8, eps=norm.eps)(x * 2.0 ** -6 + 1e-2), norm(x), atol=1e-3)
 
 
+def test_prescaled_layernorm_scales_epsilon_where_it_matters():
+    """Channel variance about epsilon, so epsilon shapes the output: the prescaled norm matches the
+    original; the same norm with the same affine but epsilon left unscaled does not."""
+    torch.manual_seed(0)
+    norm = ChannelLayerNorm(8)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 8, 5, 5) * norm.eps ** 0.5          # per-pixel variance ~ eps
+    scale = 2.0 ** -6
+    prescaled = PrescaledLayerNorm(norm, scale)
+    torch.testing.assert_close(prescaled(x), norm(x), rtol=1e-5, atol=1e-5)
+    eps_kept = ChannelLayerNorm(8, eps=norm.eps)
+    eps_kept.weight, eps_kept.bias = norm.weight, norm.bias
+    assert float((eps_kept(x * scale) - norm(x)).abs().max()) > 0.1   # same affine, epsilon not scaled
+
+
 def test_report_records_inside_ops_and_passes_a_normal_model():
     report = fp16_safety_report(tiny_esc(), _pictures(), progress=False)
     assert report.safe and not report.problems, report.format()

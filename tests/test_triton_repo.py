@@ -130,6 +130,34 @@ def test_tiler_reproduces_the_untiled_image(tmp_path: Path, size: tuple[int, int
     assert all(shape[0] <= 3 and shape[1:] == (3, 16, 24) for shape in calls)
 
 
+def blur_then_nearest_x2(windows: np.ndarray, radius: int) -> np.ndarray:
+    """An engine with a receptive field: a (2r+1)^2 box mean (edge-padded), then nearest x2."""
+    padded = np.pad(windows, ((0, 0), (0, 0), (radius, radius), (radius, radius)), mode="edge")
+    h, w = windows.shape[2:]
+    size = 2 * radius + 1
+    mean = sum(padded[:, :, dy:dy + h, dx:dx + w] for dy in range(size) for dx in range(size)) / size ** 2
+    return mean.repeat(2, axis=2).repeat(2, axis=3)
+
+
+@pytest.mark.parametrize("size", [(24, 40), (40, 56), (32, 72)])
+def test_tiler_keeps_every_pixel_its_context(tmp_path: Path, size: tuple[int, int]) -> None:
+    """An engine that looks ``overlap`` pixels around each output pixel gives the untiled image;
+    one that looks one pixel further does not: the overlap, not luck, makes the seams vanish.
+
+    The sizes are whole steps of windows (16x24 windows, 8 and 16 pixels apart) so that the
+    kept pixels nearest a seam have exactly ``overlap`` pixels of context, no more."""
+    overlap = 4
+    write_repository(tiny_onnx(tmp_path / "fixed.onnx", shape=(16, 24)), tmp_path / "repo",
+                     RepoOptions(overlap=overlap))
+    tiler = load_tiler(tmp_path / "repo", "esc_tiled")
+    image = np.random.default_rng(1).random((3, *size), dtype=np.float32)
+    for radius, seamless in ((overlap, True), (overlap + 1, False)):
+        out = tiler.tiled_upscale(image, lambda w, r=radius: blur_then_nearest_x2(w, r), (16, 24), 2, overlap, 3)
+        whole = blur_then_nearest_x2(image[None], radius)[0]
+        err = float(np.abs(out - whole).max())
+        assert (err < 1e-6) == seamless, f"radius {radius}: max abs {err:.3g} between tiled and untiled"
+
+
 def test_tiler_refuses_bad_requests(tmp_path: Path) -> None:
     write_repository(tiny_onnx(tmp_path / "fixed.onnx", shape=(16, 16)), tmp_path / "repo", RepoOptions(overlap=4))
     check = load_tiler(tmp_path / "repo", "esc_tiled").check_input
