@@ -226,8 +226,8 @@ def _graph_constant(model: onnx.ModelProto, name: str, value: float) -> str:
     return name
 
 
-def shift_one_pixel_onnx(src: Path, dst: Path, amount: float) -> Path:
-    """Copy of ``src`` whose output is off by ``amount`` at the value nearest 0.5, exact elsewhere.
+def shift_one_pixel(model: onnx.ModelProto, amount: float) -> None:
+    """Make ``model``'s output off by ``amount`` at the value nearest 0.5, exact elsewhere (in place).
 
     A gate's max-abs leg just past (or just inside) its bound with the PSNR leg untouched;
     the pixel nearest mid-grey stays inside [0, 1], so clamping cannot hide the shift.
@@ -235,7 +235,6 @@ def shift_one_pixel_onnx(src: Path, dst: Path, amount: float) -> Path:
     import onnx
     from onnx import helper
 
-    model = onnx.load(str(src))
     half, step = _graph_constant(model, "near_half", 0.5), _graph_constant(model, "near_step", amount)
     _rewire_output(model, lambda raw, out: [
         helper.make_node("Sub", [raw, half], ["near_centred"]),
@@ -245,6 +244,14 @@ def shift_one_pixel_onnx(src: Path, dst: Path, amount: float) -> Path:
         helper.make_node("Cast", ["near_is_it"], ["near_mask"], to=onnx.TensorProto.FLOAT),
         helper.make_node("Mul", ["near_mask", step], ["near_shift"]),
         helper.make_node("Add", [raw, "near_shift"], [out])])
+
+
+def shift_one_pixel_onnx(src: Path, dst: Path, amount: float) -> Path:
+    """Copy of ``src`` with :func:`shift_one_pixel` applied."""
+    import onnx
+
+    model = onnx.load(str(src))
+    shift_one_pixel(model, amount)
     onnx.save(model, str(dst))
     return dst
 

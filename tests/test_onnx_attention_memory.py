@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import shift_one_pixel
 from onnx import TensorProto, helper
 
 from export import onnx_export as ox
@@ -204,3 +205,26 @@ def test_export_gate_refuses_a_broken_rewrite(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(ox.OnnxExportError, match="does not reproduce the PyTorch model"):
         ox.export_onnx(model, target, shape=(40, 36), batch=1, simplify=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("shift", "passed"), [(0.9e-4, True), (1.1e-4, False)], ids=["0.9x-atol", "1.1x-atol"])
+def test_rewrite_gate_at_the_fp32_bound(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, shift: float,
+                                        passed: bool) -> None:
+    """A layout rewrite that moves one output pixel by 10% under / over the fp32 bound: written / refused."""
+    from models import load_model
+
+    def off_by(proto, form, chunks):
+        count = rewrite_attention(proto, form, chunks)
+        shift_one_pixel(proto, shift)
+        return count
+
+    monkeypatch.setattr(ox, "rewrite_attention", off_by)
+    target = tmp_path / "shifted.onnx"
+    model = load_model(tiny_checkpoint)
+    if passed:
+        assert ox.export_onnx(model, target, shape=(20, 28), batch=1, simplify=False).parity_after <= 1e-4
+        assert target.is_file()
+    else:
+        with pytest.raises(ox.OnnxExportError, match="does not reproduce the PyTorch model"):
+            ox.export_onnx(model, target, shape=(20, 28), batch=1, simplify=False)
+        assert list(tmp_path.iterdir()) == []

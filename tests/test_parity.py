@@ -20,7 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from conftest import swap_channels_onnx
+from conftest import shift_one_pixel_onnx, swap_channels_onnx
 from validation.compare import compare, compare_outputs
 from validation.parity import THRESHOLDS, main
 
@@ -175,6 +175,17 @@ def test_corrupted_artifact_fails(golden_onnx: Path, checkpoint: Path, one_image
     assert 1e-3 < image["comparison"]["max_abs"] <= 0.011
 
 
+@pytest.mark.parametrize(("shift", "passed"), [(0.9e-4, True), (1.1e-4, False)], ids=["0.9x-atol", "1.1x-atol"])
+def test_parity_verdict_at_the_fp32_bound(golden_onnx: Path, checkpoint: Path, one_image: Path, tmp_path: Path,
+                                          shift: float, passed: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """One output pixel off by 10% less / more than the fp32 bound (1e-4): pass / fail."""
+    artifact = shift_one_pixel_onnx(golden_onnx, tmp_path / "shifted.onnx", shift)
+    code = main(["--artifact", str(artifact), "--weights", str(checkpoint), "--dataset", str(one_image),
+                 "--scale", "4", "--threads", "2", "--quiet"])
+    out = capsys.readouterr().out
+    assert (code == 0) == passed and (("parity PASSED: 1/1" if passed else "parity FAILED: 0/1") in out), out
+
+
 @pytest.mark.slow
 def test_swapped_channels_fail_parity(golden_onnx: Path, checkpoint: Path, one_image: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,12 +198,25 @@ def test_swapped_channels_fail_parity(golden_onnx: Path, checkpoint: Path, one_i
     assert "parity FAILED: 0/1 images" in out and "max abs error" in out
 
 
-def test_checkpoint_artifact_is_its_own_reference(checkpoint: Path, one_image: Path,
+def test_checkpoint_artifact_is_its_own_reference(checkpoint: Path, one_image: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--artifact", str(checkpoint), "--dataset", str(one_image), "--scale", "4", "--quiet"])
+    """A checkpoint artifact is compared with its own fp32 CPU model: that is a real comparison of
+    the runner's options (here the naive attention against the reference's sdpa), and a reference
+    that is not the artifact's weights fails it."""
+    code = main(["--artifact", str(checkpoint), "--attention", "naive", "--dataset", str(one_image), "--scale", "4",
+                 "--quiet"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "parity PASSED: 1/1 images" in out
+    # The same network with its last convolution's bias moved by 1e-3: an other reference, a failure.
+    sd = torch.load(checkpoint, weights_only=True)
+    sd["params_ema"] = {k: v + 1e-3 if k == "to_img.bias" else v for k, v in sd["params_ema"].items()}
+    other = tmp_path / "other.pth"
+    torch.save(sd, other)
+    code = main(["--artifact", str(checkpoint), "--weights", str(other), "--dataset", str(one_image), "--scale", "4",
+                 "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1 and "parity FAILED: 0/1 images" in out, out
 
 
 @pytest.mark.parametrize(
