@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -113,14 +115,15 @@ class ArtifactCache:
     """Every costly artifact of the run (an export, a conversion, a CLI run) built once, by key.
 
     Whichever test asks first builds it; every other test, in any module, gets the same
-    value. ``submit`` starts a build on a background thread (a conversion that runs in a
-    child process) so a module can start its slow work before its cheap tests run; ``get``
-    waits for it. A build that raised raises again for every test that asks, with its own
+    value. ``submit`` starts a build on the background worker (one at a time: the CI machine
+    has 2 cores and the tests use them too), typically a conversion that runs in a child
+    process, so a module can start its slow work before its cheap tests run; ``get`` waits
+    for it. A build that raised raises again for every test that asks, with its own
     traceback, instead of being retried. ``folder(key)`` is the key's own empty folder for
     the files a build writes.
     """
 
-    def __init__(self, root: Path, workers: int = 2) -> None:
+    def __init__(self, root: Path, workers: int = 1) -> None:
         self.root = root
         self._lock = threading.Lock()
         self._futures: dict[tuple, Future] = {}
@@ -170,20 +173,39 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArtifactCach
     cache.close()
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: A CLI export of a golden model takes 30-90 s on the 2-core CI machine.
+CLI_EXPORT_TIMEOUT = 1200
+
+
+def _cli_export(artifacts: ArtifactCache, checkpoint: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """``python export/to_onnx.py --weights CHECKPOINT -o ...``: what a user runs, with the defaults."""
+    out = artifacts.folder(("onnx-cli", checkpoint.stem)) / f"cli_{checkpoint.stem}.onnx"
+    argv = [sys.executable, "export/to_onnx.py", "--weights", str(checkpoint), "-o", str(out)]
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=CLI_EXPORT_TIMEOUT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return done, out
+
+
+def cli_onnx(artifacts: ArtifactCache, checkpoint: Path, background: bool = False) -> tuple[subprocess.CompletedProcess, Path] | None:
+    """The default CLI export of ``checkpoint`` (one per run, shared by every module that asks).
+
+    ``background=True`` only starts it (in the cache's worker) and returns None.
+    """
+    key = ("onnx-cli", checkpoint.stem)
+    if background:
+        artifacts.submit(key, lambda: _cli_export(artifacts, checkpoint))
+        return None
+    return artifacts.get(key, lambda: _cli_export(artifacts, checkpoint))
+
+
 @pytest.fixture(scope="session")
 def golden_onnx(golden_dir: Path, artifacts: ArtifactCache) -> Path:
-    """The golden esc_light x4 model as the default export (fp32, opset 18, dynamic shape)."""
-    checkpoint = golden_dir / f"{GOLDEN_CASE}.pth"
-    return artifacts.get(("onnx", GOLDEN_CASE, "default"),
-                         lambda: export_esc_onnx(checkpoint, artifacts.folder(("onnx", GOLDEN_CASE)) / "model.onnx"))
-
-
-def export_esc_onnx(checkpoint: Path, path: Path) -> Path:
-    """Dynamic-shape fp32 opset-18 ONNX of a checkpoint, through the toolkit's own exporter."""
-    from export.onnx_export import export_onnx
-    from models import load_model
-
-    export_onnx(load_model(checkpoint, attention="sdpa"), path, opset=18, precision="fp32", shape="dynamic")
+    """The golden esc_light x4 model as ``python export/to_onnx.py --weights`` writes it (fp32, opset 18,
+    dynamic shape); the same file tests/test_onnx_export.py checks as a CLI export."""
+    done, path = cli_onnx(artifacts, golden_dir / f"{GOLDEN_CASE}.pth")
+    if done.returncode != 0:
+        pytest.fail(f"the CLI export of {GOLDEN_CASE} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return path
 
 

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((m, "caught" if status == 1 else f"MISSED (exit {status})"))
             shutil.rmtree(tree)
             print(f"{m.name}: {rows[-1][1]}", file=sys.stderr, flush=True)
-    print(f"| mutation | file | test | result |\n|---|---|---|---|")
+    print("| mutation | file | test | result |\n|---|---|---|---|")
     for m, result in rows:
         print(f"| {m.name} | {m.file} | {m.test} | {result} |")
     return 0 if all(result == "caught" for _, result in rows) else 1

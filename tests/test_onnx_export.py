@@ -6,30 +6,29 @@ saw; esc x2 and esc_fp are also exported at opset 23 (one native ``Attention`` p
 Outputs must match the PyTorch model and the golden ``sr`` within 1e-4.
 
 Exports are the slow part (torch.export plus the exporter's decomposition pass: tens of
-seconds per model on 2 cores), so each artifact is made once per module, and five of them
-(esc x2/x3/x4, esc_light and esc_real, opset 18) are made by the command line in a
-background process while this process exports the others (esc_fp at opsets 18 and 23
-from one trace, esc x2 at opset 23, esc_light in fp16): the CLI test and those golden
-cases share them.
+seconds per model on 2 cores), so each artifact is made once per run through the shared
+artifact cache (``conftest.artifacts``), and five of them (esc x2/x3/x4, esc_light and
+esc_real, opset 18) are made by the command line in the cache's background worker while
+this process exports the others (esc_fp at opsets 18 and 23 from one trace, esc x2 at
+opset 23, esc_light in fp16): the CLI test, those golden cases and every module using
+``golden_onnx`` (the esc_light CLI export) share them.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import SHARED_DIR, golden_index
+from conftest import SHARED_DIR, ArtifactCache, cli_onnx, golden_index
 import torch
 
 from export import common
 from export import onnx_export as ox
 from runtimes.onnx_runner import make_session
+from validation.compare import compare, threshold_for
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = SHARED_DIR / "golden"
@@ -58,107 +57,70 @@ SECOND_SIZE = (2, 3, 21, 66)  # batch 2, one window tall, three wide: unseen by 
 # softmax stay fp32 (checked below). Bound with ~4x margin:
 FP16_MAX_ABS = 1e-2
 FP16_MEAN_ABS = 2e-3
-CLI_TIMEOUT = 1200
 
 pytestmark = pytest.mark.skipif(not CASES, reason=f"missing shared data: {GOLDEN / 'index.json'}")
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-class Background:
-    """CLI exports run one at a time in a worker thread (each in its own process)."""
-
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.futures: dict[str, Future] = {}
-        self.procs: list[subprocess.Popen] = []
-        self.lock = threading.Lock()
-
-    def submit(self, key: str, argv: list[str]) -> None:
-        self.futures[key] = self.pool.submit(self._run, argv)
-
-    def _run(self, argv: list[str]) -> subprocess.CompletedProcess:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        with self.lock:
-            self.procs.append(proc)
-        out, err = proc.communicate(timeout=CLI_TIMEOUT)
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
-
-    def result(self, key: str) -> subprocess.CompletedProcess:
-        return self.futures[key].result(timeout=CLI_TIMEOUT)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        with self.lock:
-            for proc in self.procs:
-                if proc.poll() is None:
-                    proc.kill()
-
-
 class Exports:
-    """Each artifact once: CLI cases from the background, the others exported here."""
+    """This module's golden exports, through the run's shared :class:`conftest.ArtifactCache`:
+    CLI exports (the default, opset 18: built once, shared with ``golden_onnx``'s users) and
+    exports made here (opset 18 and 23 of one model share its trace)."""
 
-    def __init__(self, out_dir: Path, background: Background) -> None:
-        self.out_dir = out_dir
-        self.background = background
-        self.reports: dict[tuple[str, int], ox.ExportReport] = {}
-        self.models: dict[str, torch.nn.Module] = {}
-        self.before_export: dict[str, dict] = {}    # each model's state when loaded
+    def __init__(self, artifacts: ArtifactCache) -> None:
+        self.artifacts = artifacts
 
-    def cli_path(self, name: str) -> Path:
-        return self.out_dir / f"cli_{name}.onnx"
-
-    def model(self, name: str):
+    def _loaded(self, name: str) -> tuple[torch.nn.Module, dict]:
         from models import load_model
 
-        if name not in self.models:
-            self.models[name] = load_model(GOLDEN / f"{name}.pth", attention="sdpa")
-            self.before_export[name] = _model_state(self.models[name])
-        return self.models[name]
+        model = load_model(GOLDEN / f"{name}.pth", attention="sdpa")
+        return model, _model_state(model)
+
+    def model(self, name: str) -> torch.nn.Module:
+        return self.artifacts.get(("golden-model", name), lambda: self._loaded(name))[0]
+
+    def before_export(self, name: str) -> dict:
+        """The model's state when it was loaded (before any export touched it)."""
+        return self.artifacts.get(("golden-model", name), lambda: self._loaded(name))[1]
 
     def submit_cli(self, name: str) -> None:
-        if name not in self.background.futures:
-            self.background.submit(name, [sys.executable, "export/to_onnx.py", "--weights",
-                                          str(GOLDEN / f"{name}.pth"), "-o", str(self.cli_path(name))])
+        cli_onnx(self.artifacts, GOLDEN / f"{name}.pth", background=True)
+
+    def cli(self, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        return cli_onnx(self.artifacts, GOLDEN / f"{name}.pth")
 
     def artifact(self, name: str, opset: int) -> Path:
         if opset == 18 and name in CLI_CASES:
-            self.submit_cli(name)
-            result = self.background.result(name)
+            result, path = self.cli(name)
             assert result.returncode == 0, f"CLI export of {name} failed:\n{result.stderr[-3000:]}"
-            return self.cli_path(name)
+            return path
         return self.report(name, opset).path
 
     def report(self, name: str, opset: int = 18, precision: str = "fp32") -> ox.ExportReport:
-        key = (name, opset) if precision == "fp32" else (name, opset, precision)
-        if key not in self.reports:
-            # opset 18 and 23 share one torch.export trace
-            previous = next((r for (n, *rest), r in self.reports.items()
-                             if n == name and r.precision == precision), None)
-            self.reports[key] = ox.export_onnx(
-                self.model(name), self.out_dir / f"{name}_op{opset}_{precision}.onnx", opset=opset,
-                precision=precision, fp32_io=precision == "fp16",
-                weights_sha256=common.sha256_file(GOLDEN / f"{name}.pth"),
-                trace=previous.trace if previous is not None else None)
-        return self.reports[key]
+        def export() -> ox.ExportReport:
+            key = ("onnx-trace", name, precision)
+            shared = self.artifacts.get(key, lambda: ox.trace_model(self.model(name), precision))
+            folder = self.artifacts.folder(("onnx", name, opset, precision))
+            return ox.export_onnx(
+                self.model(name), folder / f"{name}_op{opset}_{precision}.onnx", opset=opset, precision=precision,
+                fp32_io=precision == "fp16", weights_sha256=common.sha256_file(GOLDEN / f"{name}.pth"), trace=shared)
+
+        return self.artifacts.get(("onnx", name, opset, precision), export)
 
 
 @pytest.fixture(scope="module")
-def exports(request, tmp_path_factory) -> Exports:
-    out_dir = tmp_path_factory.mktemp("onnx_export")
-    background = Background()
+def exports(request, artifacts: ArtifactCache) -> Exports:
+    """Starts, in the background, the CLI exports the selected tests of this module will need."""
+    exp = Exports(artifacts)
     selected = {item.callspec.params.get("case") for item in request.session.items
                 if item.module is request.module and hasattr(item, "callspec")}
-    cli_wanted = {name for name in CLI_CASES if name in selected}
     if any(item.module is request.module and item.name.startswith("test_cli_exports")
            for item in request.session.items):
-        cli_wanted.add(CLI_X2)
-    exp = Exports(out_dir, background)
+        selected.add(CLI_X2)
     for name in CLI_CASES:
-        if name in cli_wanted:
+        if name in selected:
             exp.submit_cli(name)
-    yield exp
-    background.close()
+    return exp
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -232,9 +194,11 @@ def test_fp16_with_fp32_io(exports: Exports) -> None:
     with torch.no_grad():
         ref = exports.model(FP16_CASE)(io["lr"]).numpy()
     err = np.abs(out - ref)
-    print(f"\nfp16 {FP16_CASE}: max abs {err.max():.2e}, mean {err.mean():.2e} vs PyTorch fp32; "
-          f"simplified: {report.simplify_note}")
+    gate = compare(np.clip(ref, 0, 1), np.clip(out, 0, 1), **vars(threshold_for("fp16")))   # both legs
+    print(f"\nfp16 {FP16_CASE}: max abs {err.max():.2e}, mean {err.mean():.2e}, PSNR {gate.psnr:.1f} dB vs "
+          f"PyTorch fp32; simplified: {report.simplify_note}")
     assert err.max() <= FP16_MAX_ABS and err.mean() <= FP16_MEAN_ABS
+    assert gate.passed and gate.psnr >= threshold_for("fp16").min_psnr, gate.summary()
     assert report.parity <= FP16_MAX_ABS
 
 
@@ -244,7 +208,7 @@ def test_export_leaves_the_callers_model_alone(exports: Exports) -> None:
         pytest.skip(f"no golden case {FP16_CASE}")
     exports.report(FP16_CASE, 18, precision="fp16")
     exports.report(FP16_CASE, 18)
-    model, before = exports.model(FP16_CASE), exports.before_export[FP16_CASE]
+    model, before = exports.model(FP16_CASE), exports.before_export(FP16_CASE)
     after = _model_state(model)
     assert {k: v for k, v in after.items() if k != "tensors"} == {k: v for k, v in before.items() if k != "tensors"}
     assert after["tensors"].keys() == before["tensors"].keys()
@@ -298,7 +262,8 @@ def test_graph_and_metadata(exports: Exports, case: str, opset: int) -> None:
     expected = {
         "esc.variant": info["variant"], "esc.arch": info["variant"] if info["variant"] != "esc_light" else "esc",
         "esc.scale": str(info["scale"]), "esc.window_size": "32", "esc.input_multiple": "32",
-        "esc.attention": "sdpa", "esc.opset": str(opset), "esc.precision": "fp32", "esc.io_dtype": "float32",
+        "esc.attention": "sdpa", "esc.bias": "table", "esc.opset": str(opset), "esc.precision": "fp32",
+        "esc.io_dtype": "float32",
         "esc.weights_sha256": common.sha256_file(GOLDEN / f"{case}.pth"),
         "esc.toolkit_version": common.toolkit_version(), "esc.shape": "dynamic", "esc.batch": "dynamic",
     }
@@ -372,10 +337,8 @@ def _cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
 
 
 def test_cli_exports_golden_x2(exports: Exports) -> None:
-    exports.submit_cli(CLI_X2)
-    result = exports.background.result(CLI_X2)
+    result, path = exports.cli(CLI_X2)
     assert result.returncode == 0, result.stderr[-3000:]
-    path = exports.cli_path(CLI_X2)
     assert path.is_file() and not list(path.parent.glob(".*.tmp"))
     for text in ("ONNX export", str(path), "opset 18", "after onnxslim", "parity",
                  f"python -m runtimes.upscale INPUT OUTPUT --artifact {path}"):

@@ -13,12 +13,11 @@ specialised), which takes a fraction of that.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import SHARED_DIR, golden_index
+from conftest import SHARED_DIR, ArtifactCache, golden_index
 import torch
 
 from export import onnx_export as ox
@@ -37,33 +36,34 @@ pytestmark = pytest.mark.skipif(not all(name in CASES for name in EXPORTS),
 
 
 class RibExports:
-    """Each (case, opset) exported once; opset 18 and 23 share the case's trace."""
+    """Each (case, opset) exported once per run (``conftest.artifacts``); opset 18 and 23 share a trace."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.models: dict[str, torch.nn.Module] = {}
-        self.reports: dict[tuple[str, int], ox.ExportReport] = {}
+    def __init__(self, artifacts: ArtifactCache) -> None:
+        self.artifacts = artifacts
 
     def model(self, name: str) -> torch.nn.Module:
         from models import load_model
 
-        if name not in self.models:
-            self.models[name] = load_model(GOLDEN / f"{name}.pth", variant=EXPORTS[name]["variant"])
-        return self.models[name]
+        return self.artifacts.get(("golden-rib-model", name),
+                                  lambda: load_model(GOLDEN / f"{name}.pth", variant=EXPORTS[name]["variant"]))
 
     def report(self, name: str, opset: int) -> ox.ExportReport:
-        if (name, opset) not in self.reports:
-            previous = next((r for (n, _), r in self.reports.items() if n == name), None)
-            self.reports[(name, opset)] = ox.export_onnx(
-                self.model(name), self.out_dir / f"{name}_op{opset}.onnx", opset=opset,
-                shape=EXPORTS[name]["shape"], batch="dynamic" if EXPORTS[name]["shape"] == "dynamic" else 1,
-                trace=previous.trace if previous is not None else None)
-        return self.reports[(name, opset)]
+        shape = EXPORTS[name]["shape"]
+        batch = "dynamic" if shape == "dynamic" else 1
+
+        def export() -> ox.ExportReport:
+            trace = self.artifacts.get(("onnx-trace", name, "fp32"),
+                                       lambda: ox.trace_model(self.model(name), "fp32", shape, batch))
+            folder = self.artifacts.folder(("onnx", name, opset, "fp32"))
+            return ox.export_onnx(self.model(name), folder / f"{name}_op{opset}.onnx", opset=opset, shape=shape,
+                                  batch=batch, trace=trace)
+
+        return self.artifacts.get(("onnx", name, opset, "fp32"), export)
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> RibExports:
-    return RibExports(tmp_path_factory.mktemp("rib_onnx"))
+def exports(artifacts: ArtifactCache) -> RibExports:
+    return RibExports(artifacts)
 
 
 @pytest.fixture(scope="module", autouse=True)
