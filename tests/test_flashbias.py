@@ -239,10 +239,13 @@ def test_conversion_refuses_what_has_no_table(fb_state: dict, tiny_checkpoint) -
     assert to_flashbias(tiny_checkpoint, rank=64)[1][0].rank == 64     # the largest rank is accepted
 
 
-def test_random_flashbias_models_build_for_every_esc_variant() -> None:
+def test_every_esc_variant_has_a_flashbias_form_that_is_recognised() -> None:
+    """Built with factors, saved, and loaded back: the loader finds variant, scale and rank in the keys."""
     for name in ("esc", "esc_light", "esc_fp", "esc_real", "esc_xl"):
         with pytest.warns(UserWarning, match="random weights"):
-            model = create_model(name, 4, flashbias_rank=16, attention="sdpa", deploy=True)
-        assert model.descriptor.bias == "flashbias rank 16" and model.descriptor.variant == name
+            model = create_model(name, 4, flashbias_rank=16)
+        loaded = load_model({"params_ema": model.state_dict()})
+        d = loaded.descriptor
+        assert (d.bias, d.variant, d.scale, d.exact_variant) == ("flashbias rank 16", name, 4, True)
     with pytest.raises(ModelOptionError, match="FlashBias factors apply to the ESC family"):
         create_model("esc_rib", 4, flashbias_rank=16)
