@@ -149,6 +149,16 @@ def build_peer(name: str, scale: int, lr_hw: tuple[int, int] | None = None):
     raise ValueError(f"unknown peer {name!r}")
 
 
+#: ``esc+fb48``: the variant in upstream's FlashBias form (rank-48 factors instead of bias tables).
+FLASHBIAS_NAME = re.compile(r"^(?P<variant>[a-z0-9_]+)\+fb(?P<rank>[1-9][0-9]*)$")
+
+
+def parse_model_name(name: str) -> tuple[str, int]:
+    """``"esc"`` -> ``("esc", 0)``; ``"esc+fb48"`` -> ``("esc", 48)`` (FlashBias rank; 0: bias tables)."""
+    match = FLASHBIAS_NAME.match(name)
+    return (match["variant"], int(match["rank"])) if match else (name, 0)
+
+
 def build_torch_model(spec: dict[str, Any]):
     import torch
 
@@ -157,7 +167,8 @@ def build_torch_model(spec: dict[str, Any]):
         if spec["family"] == "esc":
             from models import create_model
 
-            model = create_model(spec["model"], spec["scale"], attention="sdpa", deploy=True)
+            variant, rank = parse_model_name(spec["model"])
+            model = create_model(variant, spec["scale"], attention="sdpa", deploy=True, flashbias_rank=rank)
         else:
             model = build_peer(spec["model"], spec["scale"])
     return model.eval().requires_grad_(False), torch

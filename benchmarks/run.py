@@ -70,11 +70,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import (  # noqa: E402
-    ONNX_RUNTIMES, device_name, machine_info, matmul_rate_gflops, onnx_path_for, probe_spandrel, run_child,
-    runtime_unavailable)
+    ONNX_RUNTIMES, device_name, machine_info, matmul_rate_gflops, onnx_path_for, parse_model_name, probe_spandrel,
+    run_child, runtime_unavailable)
 from benchmarks.quality import DEFAULT_DATA  # noqa: E402
 from benchmarks.report import add_roofline, markdown_table, write_outputs  # noqa: E402
-from models.config import VARIANTS  # noqa: E402
+from models.config import VARIANTS, ESCConfig  # noqa: E402
 from runtimes.cli_args import SIZE_SYNTAX, parse_size  # noqa: E402
 
 #: Every registered variant: the ESC family and its successors (ESC-RIB, SST).
@@ -102,17 +102,25 @@ def _names(text: str, valid: tuple[str, ...], what: str, parser: argparse.Argume
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if names == ["none"]:
         return []
-    unknown = [n for n in names if n not in valid]
+    unknown = [n for n in names if n not in valid and not _flashbias_form_of(n, valid)]
     if unknown:
         parser.error(f"unknown {what} {', '.join(unknown)}; choose from: {', '.join(valid)}")
     return list(dict.fromkeys(names))
+
+
+def _flashbias_form_of(name: str, valid: tuple[str, ...]) -> bool:
+    """Whether ``name`` is ``VARIANT+fbR`` for an ESC-family variant among ``valid`` (RIB models have no table)."""
+    variant, rank = parse_model_name(name)
+    return bool(rank) and variant in valid and isinstance(VARIANTS[variant].config, ESCConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="esc,esc_light,esc_fp",
-                   help=f"comma-separated model variants ({', '.join(ESC_MODELS)}) or 'none'. Default: %(default)s")
+                   help=f"comma-separated model variants ({', '.join(ESC_MODELS)}) or 'none'; VARIANT+fbR is the "
+                        f"ESC variant in upstream's FlashBias form at rank R (esc+fb48: rank-48 factors instead of "
+                        f"bias tables, mask-free attention). Default: %(default)s")
     p.add_argument("--peers", default="none",
                    help=f"comma-separated peer models built from spandrel ({', '.join(PEERS)}) or 'none' "
                         f"(default); needs spandrel (pip install -e .[peers]) and a matching torchvision")

@@ -220,3 +220,20 @@ def test_percentiles_are_numpys_linear_ones(n: int) -> None:
     samples = list(np.random.default_rng(n).lognormal(size=n))
     for q in (0, 10, 50, 90, 100):
         assert _percentile(samples, q) == pytest.approx(float(np.percentile(samples, q)), rel=1e-12)
+
+
+def test_flashbias_forms_are_benchmark_models() -> None:
+    """``VARIANT+fbR`` rows sit beside the table rows: the same variant in upstream's FlashBias form."""
+    import argparse
+
+    from benchmarks.measure import build_torch_model, parse_model_name
+    from benchmarks.run import ESC_MODELS, _names
+
+    assert parse_model_name("esc+fb48") == ("esc", 48) and parse_model_name("esc_light") == ("esc_light", 0)
+    parser = argparse.ArgumentParser()
+    assert _names("esc,esc+fb48", ESC_MODELS, "model(s)", parser) == ["esc", "esc+fb48"]
+    for bad in ("sst+fb4", "esc+fb0", "esc_huge+fb8"):   # no table to replace; rank 0; unknown variant
+        with pytest.raises(SystemExit):
+            _names(bad, ESC_MODELS, "model(s)", parser)
+    model, _ = build_torch_model({"family": "esc", "model": "esc_light+fb48", "scale": 4})
+    assert model.descriptor.bias == "flashbias rank 48" and model.descriptor.variant == "esc_light"
