@@ -8,9 +8,12 @@ Examples (from the repository root)::
         --max-shape 8x3x512x512
     python export/to_trt.py --weights ESC_DIV2K_X4.pth --opt-shape 320x180 --max-shape 640x360   # WIDTHxHEIGHT
     python export/to_trt.py --weights ESC_DIV2K_X2.pth --attention native --precision fp16   # ONNX Attention op
+    python export/to_trt.py --weights ESC_DIV2K_FB_R48_X2.pth     # FlashBias weights: native, mask-free attention
     python -m export.to_trt --model esc --scale 4 --dry-run                      # random weights, no build
 
-Steps: (1) the ONNX file the engine is built from, next to the engine: ``plugin`` (default)
+Steps: (1) the ONNX file the engine is built from, next to the engine: ``--attention auto``
+(the default) is ``plugin`` for weights with bias tables and ``native`` for bias-free ones
+(FlashBias checkpoints, ESC-RIB, SST: their attention needs no mask, so no plugin). ``plugin``
 writes the plugin form, one ``esc::window_attention`` node per block that TensorRT runs
 through a Python plugin whose ahead-of-time implementation embeds the fused Triton
 kernel in the engine; ``native`` writes opset 23 with ONNX's ``Attention`` op. (2) the
@@ -57,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_common_args(p, output_help="engine path stem (default artifacts/<variant>_x<scale>_<attention>_"
                                           "<precision>.engine); the file written is <stem>.<tag>.engine")
     p.add_argument("--precision", choices=tb.PRECISIONS, default="fp16", help="engine precision (default fp16)")
-    p.add_argument("--attention", choices=tb.ATTENTION_MODES, default="plugin",
-                   help="plugin: fused Triton kernel as a TensorRT plugin (default); native: ONNX Attention (opset 23)")
+    p.add_argument("--attention", choices=("auto", *tb.ATTENTION_MODES), default="auto",
+                   help="plugin: fused Triton kernel as a TensorRT plugin; native: ONNX Attention (opset 23); auto "
+                        "(default): plugin for bias tables, native for bias-free weights (FlashBias, ESC-RIB, SST)")
     shape_forms = f"NxCxHxW or {SIZE_SYNTAX} (batch 1)"
     p.add_argument("--min-shape", default=None, help=f"profile min, {shape_forms} (default 1x3x16x16)")
     p.add_argument("--opt-shape", default=None,
@@ -144,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     model, sha = common.resolve_weights_arg(args.model, args.scale, args.weights, attention="sdpa", deploy=False)
+    if args.attention == "auto":
+        args.attention = "plugin" if model.descriptor.bias == "table" else "native"
+        print(f"[to_trt] --attention {args.attention} ({model.descriptor.bias} weights)", file=sys.stderr, flush=True)
     output = args.output or tb.default_output(model, args.precision, args.attention)
     if output.suffix not in (".engine", ".plan"):
         print(f"note: {output} does not end in .engine; the engine is written as {output.name}.<tag>.engine",

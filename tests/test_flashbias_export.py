@@ -115,9 +115,10 @@ def test_trt_dry_run_writes_the_native_form(tiny_fb: Path, tmp_path: Path) -> No
     refused = _cli(str(REPO / "export" / "to_trt.py"), "--weights", str(tiny_fb), "--attention", "plugin",
                    "--dry-run", "-o", str(tmp_path / "plugin"), cwd=REPO)
     assert refused.returncode == 2 and "--attention native" in refused.stderr, refused.stdout + refused.stderr
-    native = _cli(str(REPO / "export" / "to_trt.py"), "--weights", str(tiny_fb), "--attention", "native",
-                  "--dry-run", "-o", str(tmp_path / "native"), cwd=REPO)
+    native = _cli(str(REPO / "export" / "to_trt.py"), "--weights", str(tiny_fb), "--dry-run",
+                  "-o", str(tmp_path / "native"), cwd=REPO)   # the default: auto
     assert native.returncode == 0, native.stdout + native.stderr
+    assert "--attention native (flashbias rank 5 weights)" in native.stderr
     written = sorted(tmp_path.glob("native*.onnx"))
     assert len(written) == 1, sorted(p.name for p in tmp_path.iterdir())
     proto = onnx.load(str(written[0]))
