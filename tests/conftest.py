@@ -209,6 +209,25 @@ def golden_onnx(golden_dir: Path, artifacts: ArtifactCache) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def golden_model(checkpoint: Path) -> Any:
+    """The golden esc_light x4 model (sdpa, deployed): the reference of the export-gate tests."""
+    from models import load_model
+
+    return load_model(checkpoint, attention="sdpa")
+
+
+@pytest.fixture(scope="module")
+def gate_inputs() -> list:
+    """One picture-like input (smooth gradients plus noise) of a size off the window grid."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, 40)
+    x = (ramp[None, :] * ramp[:, None]).expand(1, 3, 40, 40) * 0.8 + 0.2 * torch.rand(1, 3, 40, 40, generator=generator)
+    return [x.contiguous()]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small but genuine ESC x2 checkpoint in the official format (``params_ema``): 8x8

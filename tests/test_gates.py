@@ -23,7 +23,6 @@ import torch
 from conftest import contract_output_onnx, contraction_for_psnr, shift_one_pixel_onnx
 
 from export.verify import ExportParityError, reference_outputs, verify_artifact
-from models import load_model
 from validation.compare import THRESHOLDS, Threshold, compare
 
 INSIDE, PAST = 0.9, 1.1          # of the max-abs bound
@@ -78,59 +77,47 @@ def test_compare_psnr_leg(picture: np.ndarray, precision: str) -> None:
 
 # -- the export gate, on a real artifact ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model(checkpoint: Path) -> torch.nn.Module:
-    return load_model(checkpoint, attention="sdpa")
+def expected(golden_model: torch.nn.Module, gate_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return reference_outputs(golden_model, gate_inputs)
 
 
-@pytest.fixture(scope="module")
-def inputs() -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    ramp = torch.linspace(0, 1, 40)
-    x = (ramp[None, :] * ramp[:, None]).expand(1, 3, 40, 40) * 0.8 + 0.2 * torch.rand(1, 3, 40, 40, generator=generator)
-    return [x.contiguous()]
-
-
-@pytest.fixture(scope="module")
-def expected(model: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return reference_outputs(model, inputs)
-
-
-def _gate(path: Path, expected: list[torch.Tensor], inputs: list[torch.Tensor], precision: str):
-    return verify_artifact(path, expected, inputs, precision, raise_on_failure=False, threads=2)[0]
+def _gate(path: Path, expected: list[torch.Tensor], gate_inputs: list[torch.Tensor], precision: str):
+    return verify_artifact(path, expected, gate_inputs, precision, raise_on_failure=False, threads=2)[0]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_export_gate_max_abs_leg(golden_onnx: Path, expected, inputs, precision: str, tmp_path: Path) -> None:
+def test_export_gate_max_abs_leg(golden_onnx: Path, expected, gate_inputs, precision: str, tmp_path: Path) -> None:
     limit = PROMISED[precision]
     inside = _gate(shift_one_pixel_onnx(golden_onnx, tmp_path / "inside.onnx", INSIDE * limit.atol),
-                   expected, inputs, precision)
+                   expected, gate_inputs, precision)
     past = shift_one_pixel_onnx(golden_onnx, tmp_path / "past.onnx", PAST * limit.atol)
     assert inside.passed, inside.summary()
     with pytest.raises(ExportParityError, match=rf"does not match PyTorch at {precision} .*max abs error"):
-        verify_artifact(past, expected, inputs, precision, threads=2)
+        verify_artifact(past, expected, gate_inputs, precision, threads=2)
 
 
-def test_export_gate_psnr_leg(golden_onnx: Path, expected, inputs, tmp_path: Path) -> None:
+def test_export_gate_psnr_leg(golden_onnx: Path, expected, gate_inputs, tmp_path: Path) -> None:
     limit = PROMISED["fp16"]
     ref = expected[0].numpy()
     results = {}
     for label, target in (("inside", limit.min_psnr + PSNR_MARGIN_DB), ("past", limit.min_psnr - PSNR_MARGIN_DB)):
         path = contract_output_onnx(golden_onnx, tmp_path / f"{label}.onnx", contraction_for_psnr(ref, target))
-        results[label] = _gate(path, expected, inputs, "fp16")
+        results[label] = _gate(path, expected, gate_inputs, "fp16")
     inside, past = results["inside"], results["past"]
     assert inside.passed, inside.summary()
     assert not past.passed and past.max_abs < limit.atol, past.summary()
     assert abs(past.psnr - (limit.min_psnr - PSNR_MARGIN_DB)) < 0.02 and any("PSNR" in r for r in past.reasons)
 
 
-def test_trt_parity_gate_max_abs_leg(golden_onnx: Path, model: torch.nn.Module, inputs, tmp_path: Path) -> None:
+def test_trt_parity_gate_max_abs_leg(golden_onnx: Path, golden_model: torch.nn.Module, gate_inputs,
+                                    tmp_path: Path) -> None:
     """``to_trt``'s gate (the rows its summary prints) reads the same table."""
     from export.to_trt import parity_gate
 
     atol = PROMISED["fp32"].atol
-    rows, ok = parity_gate(shift_one_pixel_onnx(golden_onnx, tmp_path / "inside.onnx", INSIDE * atol), model,
-                           inputs, "fp32", device="cpu")
+    rows, ok = parity_gate(shift_one_pixel_onnx(golden_onnx, tmp_path / "inside.onnx", INSIDE * atol), golden_model,
+                           gate_inputs, "fp32", device="cpu")
     assert ok, rows
-    rows, ok = parity_gate(shift_one_pixel_onnx(golden_onnx, tmp_path / "past.onnx", PAST * atol), model,
-                           inputs, "fp32", device="cpu")
+    rows, ok = parity_gate(shift_one_pixel_onnx(golden_onnx, tmp_path / "past.onnx", PAST * atol), golden_model,
+                           gate_inputs, "fp32", device="cpu")
     assert not ok and "FAILED (needs max abs error <= 0.0001)" in rows[0][1], rows
