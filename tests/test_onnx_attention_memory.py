@@ -138,7 +138,7 @@ def test_refusals_name_the_problem() -> None:
 PEAK_CHILD = r"""
 import json, sys
 import numpy as np, onnx
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from export.onnx_attention import rewrite_attention
 from runtimes.onnx_runner import make_session
 from tests.test_onnx_attention_memory import _attention_graph, _feeds
