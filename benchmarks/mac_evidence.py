@@ -134,9 +134,10 @@ def psnr_vs_torch(runner: Any, model: Any, size: tuple[int, int]) -> float:
 def measure_function(result: Any, function: str, opts: Options) -> dict[str, Any]:
     """One function of a package: opened by runtimes.load; on macOS profiled, else one interpreter prediction."""
     from runtimes import load
+    from runtimes.cli_args import format_size
 
     size = result.report.functions[function]
-    fields: dict[str, Any] = {"function": function, "input_size": f"{size[1]}x{size[0]}"}
+    fields: dict[str, Any] = {"function": function, "input_size": format_size(*size)}
     if opts.dry_run:
         with load(str(result.path), function=function, backend="interpreter") as runner:
             fields["opened"] = runner.describe()["runtime"]
@@ -187,9 +188,9 @@ def table_row(model: str, preset: str, opts: Options) -> dict[str, Any]:
         return fields
 
     from export import coreml as ce
+    from runtimes.cli_args import format_size
 
-    h, w = ce.PRESETS[preset].paper_size
-    row["input_size"] = f"{w}x{h}"
+    row["input_size"] = format_size(*ce.PRESETS[preset].paper_size)
     return _guarded(row, work)
 
 

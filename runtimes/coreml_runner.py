@@ -21,6 +21,10 @@ predictions: what the benchmark's Core ML rows call.
 :meth:`CoreMLRunner.describe` says which ran (``runtime`` is ``coreml`` or
 ``coreml-interpreter``).
 
+Multifunction packages (one static function per tile, as the presets write them):
+``function="tile_128x128"`` picks the function (``runtimes.load(path, function=...)``);
+without it the package's default function runs. ``describe()`` lists every function.
+
 Shapes: a fixed-shape package reports :attr:`Runner.fixed_shape`, so
 :meth:`Runner.upscale` tiles at that shape. An enumerated-shapes package reports its
 *largest* listed size as ``fixed_shape``: the shared tiler (and ``validation/parity.py``,

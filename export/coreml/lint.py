@@ -335,12 +335,12 @@ def _check_conv(fn: _Function, op: MILOp, add) -> None:
     if source_op is not None and source_op.type != "const" and source_op.type not in COMPILE_TIME_OPS:
         add("dynamic-conv", op, f"weights computed in the graph (by {source_op.type} '{source_op.name}')")
     shape = fn.shape(weight)
-    if shape and len(shape) >= 3 and None not in shape[2:]:
-        side = max(shape[2:])
+    if shape and len(shape) == 4 and None not in shape[2:]:
+        side, text = max(shape[2:]), f"{shape[3]}x{shape[2]}"  # WIDTHxHEIGHT
         if side > ANE_MAX_KERNEL:
-            add("kernel", op, f"kernel {'x'.join(str(d) for d in shape[2:])} above {ANE_MAX_KERNEL}")
+            add("kernel", op, f"kernel {text} above {ANE_MAX_KERNEL}")
         elif side > ANE_WARN_KERNEL:
-            add("kernel-size", op, f"kernel {'x'.join(str(d) for d in shape[2:])} above {ANE_WARN_KERNEL}")
+            add("kernel-size", op, f"kernel {text} above {ANE_WARN_KERNEL}")
 
 
 def _check_broadcast(fn: _Function, op: MILOp, add) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from export.common import atomic_output
+from runtimes.cli_args import format_size
 from runtimes.metadata import ArtifactMetadata
 
 from .checks import PackageReport, check_package, inspect_package
@@ -62,7 +63,7 @@ def _trace_example(module: nn.Module, cfg: CoreMLExportConfig, model: nn.Module 
     if not cfg.enumerated or size is not None:
         return torch.rand(1, 3, *(size or shapes[0]), generator=seed), None
     window = getattr(getattr(model or module, "config", None), "window_size", None) or 32
-    bad = [f"{h}x{w}" for h, w in shapes if h % window or w % window]
+    bad = [format_size(h, w) for h, w in shapes if h % window or w % window]
     if bad:
         raise CoreMLExportError(
             f"enumerated shapes must be multiples of the attention window ({window}): {', '.join(bad)}. "
