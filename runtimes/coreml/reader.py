@@ -310,7 +310,8 @@ def load_program(path: str | os.PathLike, function: str | None = None) -> MILPro
     if function is None:
         function = spec.description.defaultFunctionName or ("main" if "main" in prog.functions else None)
     if function not in prog.functions:
-        raise InterpreterError(f"{root}: no function {function!r}; the package has {', '.join(prog.functions)} "
+        listed = [f.name for f in spec.description.functions] or sorted(prog.functions)
+        raise InterpreterError(f"{root}: no function {function!r}; the package has {', '.join(listed)} "
                                f"(pass one of them as function=)")
     func = prog.functions[function]
     opset = func.opset
