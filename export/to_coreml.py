@@ -33,6 +33,10 @@ examples:
   python export/to_coreml.py --model esc_light --weights ESC_light_X4.pth --preset iphone --paper-size
       (iOS 18, one 32x32 function: the papers' Table 9 iPhone setting)
   python export/to_coreml.py --model esc --weights ESC_X4.pth --preset iphone --tiles 192x128,256x256 --verify
+  python export/to_coreml.py --model esc --weights ESC_X4.pth --preset m2 --calibration-images my_photos/
+      (fp16 safety ranges recorded on your own pictures)
+  python export/to_coreml.py --model esc --weights ESC_X4.pth --preset m2 --large-kernel-pieces --mean-as-conv
+      (the two contingencies, if the Mac compute plan shows those ops off the Neural Engine)
   python export/to_coreml.py --model esc --weights ESC_X4.pth --form compat --shapes enumerated:64x64,128x128 --target iOS17
   python export/to_coreml.py --model esc --weights ESC_X4.pth --input-size 160x128 --precision fp32 --verify
 """
@@ -66,8 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=ce.FORMS,
                    help="ane: Neural Engine form (rank 4, constant bias, no gathers; presets' default); "
                         "compat: portable form (enumerated shapes, smaller package; default without a preset)")
-    p.add_argument("--query-chunk", type=int, metavar="N",
-                   help="ANE form: queries per attention score tensor (default: the preset's; whole window)")
+    p.add_argument("--score-budget", metavar="MIB", default="8",
+                   help="ANE form: the largest intermediate one op may make, in MiB of fp16 (default 8); attention "
+                        "scores are chunked by windows and queries, FFN hidden maps by channels, and the ANE lint "
+                        "refuses a package with a larger tensor")
+    p.add_argument("--large-kernel-pieces", action="store_true",
+                   help="ANE form contingency: run each 13x13 convolution as four exact 7x7 pieces (turn on if the "
+                        "Mac compute plan shows the 13x13 convolutions off the Neural Engine)")
+    p.add_argument("--mean-as-conv", action="store_true",
+                   help="ANE form contingency: compute the dynamic-kernel estimators' global mean with strided "
+                        "constant-weight convolutions (turn on if the compute plan shows reduce_mean off the ANE)")
+    p.add_argument("--calibration-images", metavar="DIR",
+                   help="fp16 exports: your own pictures (a folder or one file) to record activation ranges on for "
+                        "the fp16 safety check (default: scikit-image's sample photographs)")
     p.add_argument("--precision", choices=ce.PRECISIONS, help="compute precision (default fp16)")
     p.add_argument("--target", choices=list(ce.TARGETS), help="minimum deployment target (default iOS18)")
     p.add_argument("--image-io", action=argparse.BooleanOptionalAction, default=None,
@@ -130,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.scale, args.weights, preset=args.preset, input_size=args.input_size, shapes=args.shapes,
         tiles=args.tiles, paper_size=args.paper_size, precision=args.precision, target=args.target,
         image_io=args.image_io, io_dtype=args.io_dtype, compress=args.compress, bias=args.bias, form=args.form,
-        query_chunk=args.query_chunk, output=args.output)
+        score_budget=ce.parse_budget(args.score_budget), large_kernel_pieces=args.large_kernel_pieces,
+        mean_as_conv=args.mean_as_conv, calibration_images=args.calibration_images, output=args.output)
     result = ce.export_coreml(cfg)
     rows = ce.summary_rows(result)
     if args.verify:

@@ -126,12 +126,12 @@ class ESCBase(nn.Module):
                 module.set_dynamic_form(form)
         return self
 
-    def ane_form(self, query_chunk: int | None = None) -> nn.Module:
-        """This model, changed in place, in its Apple Neural Engine form (:func:`models.ane.ane_form`):
-        rank-4 tensors, the attention bias as constants, no gathers; the same outputs."""
+    def ane_form(self, **options) -> nn.Module:
+        """This model, changed in place, in its Apple Neural Engine form (:func:`models.ane.ane_form`,
+        which takes ``options``): rank-4 tensors, the attention bias as constants, no gathers; the same outputs."""
         from .ane import ane_form
 
-        return ane_form(self, query_chunk)
+        return ane_form(self, **options)
 
     @property
     def dynamic_kernel_form(self) -> str:

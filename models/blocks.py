@@ -61,6 +61,11 @@ class _DynamicKernelForm:
             self.register_buffer("one_hot", one_hot_taps(self.pdim, weight.dtype).to(weight.device),
                                  persistent=False)
 
+    def large_kernel_conv(self, x: torch.Tensor, kernel: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """The static large-kernel convolution ('same' zero padding); a seam the Neural Engine
+        form (``models.ane``) overrides to run it as smaller exact pieces."""
+        return F.conv2d(x, kernel.to(x.dtype), padding=kernel.shape[-1] // 2, groups=groups)
+
     def dynamic_depthwise(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         if self.dynamic_form == "conv":
             return dynamic_depthwise3x3_conv(x, kernel, self.one_hot)
@@ -84,7 +89,7 @@ class ConvAttention(_DynamicKernelForm, nn.Module):
     def forward(self, x: torch.Tensor, large_kernel: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.split([self.pdim, x.shape[1] - self.pdim], dim=1)
         dk = _estimate(self.dwc_proj, x1)
-        y1 = F.conv2d(x1, large_kernel.to(x.dtype), padding=large_kernel.shape[-1] // 2)
+        y1 = self.large_kernel_conv(x1, large_kernel)
         y1 = y1 + self.dynamic_depthwise(x1, dk)
         return torch.cat([y1, x2], dim=1)
 
@@ -108,7 +113,7 @@ class DecomposedConvAttention(_DynamicKernelForm, nn.Module):
         x1, x2 = x.split([self.pdim, x.shape[1] - self.pdim], dim=1)
         dk = _estimate(self.proj, x1)
         mixed = F.conv2d(x1, lk_channel.to(x.dtype))
-        y1 = F.conv2d(mixed, lk_spatial.to(x.dtype), padding=lk_spatial.shape[-1] // 2, groups=self.pdim)
+        y1 = self.large_kernel_conv(mixed, lk_spatial, groups=self.pdim)
         y1 = y1 + self.dynamic_depthwise(mixed, dk)
         return torch.cat([y1, x2], dim=1)
 

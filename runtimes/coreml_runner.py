@@ -21,6 +21,10 @@ predictions: what the benchmark's Core ML rows call.
 :meth:`CoreMLRunner.describe` says which ran (``runtime`` is ``coreml`` or
 ``coreml-interpreter``).
 
+Multifunction packages (one static function per tile, as the presets write them):
+``function="tile_128x128"`` picks the function (``runtimes.load(path, function=...)``);
+without it the package's default function runs. ``describe()`` lists every function.
+
 Shapes: a fixed-shape package reports :attr:`Runner.fixed_shape`, so
 :meth:`Runner.upscale` tiles at that shape. An enumerated-shapes package reports its
 *largest* listed size as ``fixed_shape``: the shared tiler (and ``validation/parity.py``,
@@ -46,6 +50,7 @@ import numpy as np
 import torch
 
 from .base import Runner, RunnerError
+from .cli_args import format_size
 from .coreml import (
     PRECISIONS,
     Interpreter,
@@ -106,13 +111,16 @@ class CoreMLRunner(Runner):
             interpreter only, see :mod:`runtimes.coreml.interpreter`.
         scale: needed only when the package has no ``esc.scale`` metadata and no fixed
             output shape to derive it from.
+        function: the function of a multifunction package to run (``tile_128x128``, ...);
+            default: the package's default function.
     """
 
     name = "coreml"
-    options = ("compute_units", "backend", "interpreter_precision", "scale")
+    options = ("compute_units", "backend", "interpreter_precision", "scale", "function")
 
     def __init__(self, artifact: str | os.PathLike[str], device: str = "cpu", compute_units: str | None = "all",
-                 backend: str = "auto", interpreter_precision: str = "auto", scale: int | None = None) -> None:
+                 backend: str = "auto", interpreter_precision: str = "auto", scale: int | None = None,
+                 function: str | None = None) -> None:
         self.artifact = os.fspath(artifact)
         path = Path(self.artifact)
         if not path.exists():
@@ -138,17 +146,19 @@ class CoreMLRunner(Runner):
         self.backend = backend
         self.interpreter_precision = interpreter_precision
         try:
-            self.program = load_program(path)
+            self.program = load_program(path, function=function)
         except InterpreterError as exc:
             raise RunnerError(f"cannot read {self.artifact}: {exc}") from exc
+        self.function = self.program.function
         self._read_description(scale)
         self._model: Any = None
         self._interpreter: Any = None
         if backend == "coreml":
             ct = _coremltools()
+            units = getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_units])
+            named = {"function_name": self.function} if len(self.program.functions) > 1 else {}
             try:
-                self._model = ct.models.MLModel(self.artifact, compute_units=getattr(ct.ComputeUnit,
-                                                                                     COMPUTE_UNITS[self.compute_units]))
+                self._model = ct.models.MLModel(self.artifact, compute_units=units, **named)
             except Exception as exc:
                 raise RunnerError(f"Core ML cannot load {self.artifact}: {exc}") from exc
         else:
@@ -159,9 +169,9 @@ class CoreMLRunner(Runner):
 
     # -- description ---------------------------------------------------------------------
     def _read_description(self, scale: int | None) -> None:
-        desc = self.program.description
+        desc = self.program.description  # this function's, in a multifunction package
         if len(desc.input) != 1 or len(desc.output) < 1:
-            raise RunnerError(f"{self.artifact}: expected one input and one output, found "
+            raise RunnerError(f"{self.artifact} (function {self.function}): expected one input and one output, found "
                               f"{[i.name for i in desc.input]} -> {[o.name for o in desc.output]}")
         self.input_name = desc.input[0].name
         self.output_name = desc.output[0].name
@@ -208,6 +218,8 @@ class CoreMLRunner(Runner):
             "runtime_version": ct_version,
             "target": self.program.target,
             "opset": self.program.opset,
+            "function": self.function,
+            "functions": self.program.functions,
             "compute_units": self.compute_units,
             "image_io": self.image_io,
             "compression": self.metadata.get("compression"),
@@ -228,21 +240,28 @@ class CoreMLRunner(Runner):
 
     # -- inference -----------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> None:
-        """A fixed-shape package takes its shape; an enumerated one any size up to a listed one."""
+        """A fixed-shape function takes its shape; an enumerated one any size up to a listed one.
+
+        Sizes in the messages are WIDTHxHEIGHT, as the exporter's flags take them.
+        """
         if self.enumerated:
             self._target_shape(height, width)
-        else:
-            super().check_size(height, width)
+        elif self.fixed_shape is not None and (height, width) != tuple(self.fixed_shape):
+            others = [name for name in self.program.functions if name != self.function]
+            hint = f"; other functions of the package: {', '.join(others)} (function=...)" if others else ""
+            raise RunnerError(
+                f"{self.artifact} (function {self.function}) takes {format_size(*self.fixed_shape)} inputs, got "
+                f"{format_size(height, width)} (use upscale(), which tiles at the fixed shape{hint})")
 
     def _target_shape(self, h: int, w: int) -> tuple[int, int]:
         if not self.allowed_shapes or (h, w) in self.allowed_shapes:
             return h, w
         fits = [s for s in self.allowed_shapes if s[0] >= h and s[1] >= w]
         if not fits:
-            listed = ", ".join(f"{a}x{b}" for a, b in self.allowed_shapes)
+            listed = ", ".join(format_size(a, b) for a, b in self.allowed_shapes)
             raise RunnerError(
-                f"{self.artifact} accepts the input sizes {listed}; {h}x{w} is larger than all of them. Use "
-                f"upscale(), which tiles at the largest listed size")
+                f"{self.artifact} accepts the input sizes {listed}; {format_size(h, w)} is larger than all of them. "
+                f"Use upscale(), which tiles at the largest listed size")
         return min(fits, key=lambda s: (s[0] * s[1], s))
 
     def _predict_one(self, x: np.ndarray) -> np.ndarray:
@@ -344,8 +363,11 @@ def _device_name(device: Any) -> str:
     return type(device).__name__
 
 
-def compute_plan(package: str | os.PathLike[str], compute_units: str = "all") -> list[dict[str, Any]]:
+def compute_plan(package: str | os.PathLike[str], compute_units: str = "all",
+                 function: str | None = None) -> list[dict[str, Any]]:
     """Where Core ML plans to run each op of ``package``: one row per non-const op (macOS only).
+
+    ``function``: only that function's ops (a multifunction package plans every function).
 
     Rows: ``function``, ``op`` (MIL op type), ``output`` (its first output's name), ``device``
     (``neural_engine``, ``gpu``, ``cpu``; None where Core ML cannot say), ``supported`` (the
@@ -369,8 +391,10 @@ def compute_plan(package: str | os.PathLike[str], compute_units: str = "all") ->
     if program is None:
         raise RunnerError(f"{package} is not an ML program (the compute plan covers ML programs only)")
     rows: list[dict[str, Any]] = []
-    for fname, function in program.functions.items():
-        for op in function.block.operations:
+    for fname, planned in program.functions.items():
+        if function is not None and fname != function:
+            continue
+        for op in planned.block.operations:
             if op.operator_name == "const":
                 continue
             usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
@@ -396,15 +420,17 @@ def summarise_plan(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def profile_on_mac(package: str | os.PathLike[str], compute_units: str = "all",
-                   shape: tuple[int, ...] | None = None, warmup: int = 3, repeat: int = 10) -> dict[str, Any]:
-    """Compile and load ``package``, predict once, read its compute plan, time predictions (macOS only).
+                   shape: tuple[int, ...] | None = None, warmup: int = 3, repeat: int = 10,
+                   function: str | None = None) -> dict[str, Any]:
+    """Compile and load ``package`` (``function`` of a multifunction one; default: its default
+    function), predict once, read its compute plan, time predictions (macOS only).
 
     What the benchmark's Core ML rows call: ``load_ms`` (compile + load), ``first_predict_ms``,
     the plan summary (:func:`summarise_plan`) and :func:`latency`'s median / p10 / p90.
     """
     _require_macos("profiling a Core ML package")
     start = time.perf_counter()
-    runner = CoreMLRunner(package, backend="coreml", compute_units=compute_units)
+    runner = CoreMLRunner(package, backend="coreml", compute_units=compute_units, function=function)
     load_ms = (time.perf_counter() - start) * 1000.0
     if shape is None and runner.fixed_shape is None:
         raise RunnerError("give a shape: this package has no fixed input shape")
@@ -413,6 +439,7 @@ def profile_on_mac(package: str | os.PathLike[str], compute_units: str = "all",
     start = time.perf_counter()
     runner.infer(x)
     first_ms = (time.perf_counter() - start) * 1000.0
-    plan = summarise_plan(compute_plan(package, compute_units))
+    plan = summarise_plan(compute_plan(package, compute_units, runner.function))
     timing = latency(runner, (1, 3, h, w), warmup=warmup, repeat=repeat)
-    return {"package": os.fspath(package), "load_ms": load_ms, "first_predict_ms": first_ms, "plan": plan, **timing}
+    return {"package": os.fspath(package), "function": runner.function, "load_ms": load_ms,
+            "first_predict_ms": first_ms, "plan": plan, **timing}

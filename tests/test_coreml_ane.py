@@ -37,10 +37,10 @@ FORM_ATOL = 1e-5
 FP32_ATOL = threshold_for("fp32").atol
 
 
-def _tiny(arch: str = "esc", scale: int = 2, seed: int = 0) -> nn.Module:
+def _tiny(arch: str = "esc", scale: int = 2, seed: int = 0, kernel: int = 7) -> nn.Module:
     """A small random ESC (1 block, window 8, 2 heads): converts in seconds."""
     torch.manual_seed(seed)
-    config = ESCConfig(arch, scale, dim=32, pdim=16, kernel_size=7, n_blocks=1, conv_blocks=2, window_size=8,
+    config = ESCConfig(arch, scale, dim=32, pdim=16, kernel_size=kernel, n_blocks=1, conv_blocks=2, window_size=8,
                        num_heads=2, use_lns=arch == "esc_fp", use_ln_last=arch == "esc_fp")
     model = build(config)
     randomise(model)
@@ -50,12 +50,20 @@ def _tiny(arch: str = "esc", scale: int = 2, seed: int = 0) -> nn.Module:
 # --------------------------------------------------------------------------------------
 # The ANE form of the model
 # --------------------------------------------------------------------------------------
+#: (size, tensor budget in bytes, large-kernel pieces, mean as convs): the whole window in one
+#: score tensor; one window per chunk (8 KiB = 64 x 64 fp16 scores); 32-query chunks
+#: (4 KiB); a padded size (pad op) with both contingencies; a tiny input (the gather
+#: fallback); batch 2 everywhere.
+FORM_CASES = [((16, 24), 8 << 20, False, False), ((16, 24), 8192, False, False), ((16, 8), 4096, True, True),
+              ((13, 21), 6000, True, True), ((5, 3), 8 << 20, False, True)]
+
+
 @pytest.mark.parametrize("arch", ["esc", "esc_fp"])
-@pytest.mark.parametrize("size,chunk", [((16, 24), None), ((16, 24), 24), ((13, 21), 40), ((5, 3), None)])
-def test_ane_form_matches_todays_form(arch, size, chunk):
-    """Window multiples, padded sizes (a pad op), tiny inputs (the gather fallback), query chunks; batch 2."""
-    model = _tiny(arch)
-    ane = ane_form(copy.deepcopy(model), query_chunk=chunk)
+@pytest.mark.parametrize("size,budget,pieces,mean", FORM_CASES)
+def test_ane_form_matches_todays_form(arch, size, budget, pieces, mean):
+    """The Neural Engine layout, chunked to the budget, against the deployed model in fp32."""
+    model = _tiny(arch, kernel=13 if pieces else 7)
+    ane = ane_form(copy.deepcopy(model), budget=budget, large_kernel_pieces=pieces, mean_as_conv=mean)
     x = torch.rand(2, 3, *size)
     with torch.no_grad():
         expected, got = model(x), ane(x)
@@ -63,35 +71,154 @@ def test_ane_form_matches_todays_form(arch, size, chunk):
     assert (got - expected).abs().max() < FORM_ATOL
 
 
-def test_ane_form_bias_is_a_constant_of_the_table():
-    """Each (head, chunk) constant is that slice of the dense bias; the form reacts to it."""
-    from models.attention.windows import dense_bias
+def _traced_sizes(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, tuple]]:
+    """fx node -> (fp16 bytes, shape) of every tensor the traced graph computes."""
+    ep = torch.export.export(module, (x,)).run_decompositions({})
+    return {node.name: (2 * node.meta["val"].numel(), tuple(node.meta["val"].shape)) for node in ep.graph.nodes
+            if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor)}
 
+
+def test_every_intermediate_meets_the_budget_and_scores_are_chunked():
+    """Windows per chunk and queries per chunk follow the budget; nothing the graph makes is larger."""
+    from models.ane.attention import query_chunk_for
+
+    tokens = 64
+    assert query_chunk_for(tokens, tokens * tokens * 2) == tokens          # one window's scores fit exactly
+    assert query_chunk_for(tokens, tokens * tokens * 2 - 1) == 32           # one byte less: aligned query chunks
+    assert query_chunk_for(1024, 8 << 20) == 1024
     model = _tiny()
-    ane = ane_form(copy.deepcopy(model), query_chunk=24)
+    # (input H, W; budget; windows in it; windows per score tensor; queries per score tensor)
+    for (h, w), budget, count, windows, queries in [((16, 32), 3 * 8192, 8, 3, 64), ((16, 32), 9216, 8, 1, 64),
+                                                    ((8, 16), 4096, 2, 1, 32)]:
+        ane = ane_form(copy.deepcopy(model), budget=budget)
+        attn = ane.model.blocks[0].attn
+        assert attn.windows_per_chunk(count) == windows and attn.query_spans[0] == (0, queries)
+        sizes = _traced_sizes(ane, torch.rand(1, 3, h, w))
+        scores = {shape[2:] for name, (_, shape) in sizes.items() if name.startswith("einsum") and shape[1] == 64}
+        assert scores == {(windows, queries)} | ({(count % windows, queries)} if count % windows else set())
+        inner = {n: v for n, v in sizes.items() if v[1] not in ((1, 3, h, w), (1, 3, 2 * h, 2 * w))}
+        floor = 2 * 32 * h * w  # the 32-channel feature maps cannot be chunked: above the smaller budgets
+        assert max(b for b, _ in inner.values()) <= max(budget, floor), sorted(inner.values())[-3:]
+    # At a budget of exactly one feature map, the 64-channel FFN hidden maps and the 144 shifts are chunked to it.
+    x = torch.rand(1, 3, 32, 64)
+    sizes = _traced_sizes(ane_form(copy.deepcopy(model), budget=2 * 32 * 32 * 64), x)
+    assert max(b for b, s in sizes.values() if len(s) == 4 and s[1] != 3) == 2 * 32 * 32 * 64
+
+
+def test_ane_attention_layout_einsums_softmax_and_transposes():
+    """Per head: two einsums in the forms coremltools keeps, softmax over axis 1, three transposes per block."""
+    ane = ane_form(copy.deepcopy(_tiny()))
+    ep = torch.export.export(ane, (torch.rand(1, 3, 16, 16),)).run_decompositions({})
+    calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+    einsums = [n.args[0] for n in calls if n.target is torch.ops.aten.einsum.default]
+    assert einsums == ["bchq,bkhc->bkhq", "bkhq,bchk->bchq"] * 2  # 2 heads, one chunk
+    softmax_axes = [n.args[1] for n in calls if "softmax" in str(n.target)]
+    assert softmax_axes == [1, 1]
+    transposes = [n for n in calls if n.target in (torch.ops.aten.transpose.int, torch.ops.aten.permute.default)]
+    assert len(transposes) == 3, [str(n.target) for n in transposes]
+
+
+def test_q_scale_is_folded_exactly_and_the_bias_is_dense_bias():
+    """q's rows of to_qkv times 1/4 (a power of two: exact, also in fp16); each (head, chunk)
+    constant is that slice of ``dense_bias()`` with the keys first; the form reacts to it."""
+    model = _tiny()
+    ane = ane_form(copy.deepcopy(model), budget=64 * 32 * 2)  # 32-query chunks
     attn = ane.model.blocks[0].attn
-    dense = dense_bias(attn.relative_position_bias, attn.window)[0]
-    assert len(attn.ane_bias.chunks) == 3  # 64 queries in chunks of 24
-    assert torch.equal(attn.ane_bias.get(1, 2), dense[1, 48:64])
-    x = torch.rand(1, 3, 16, 16)
+    ref = model.blocks[0].attn
+    weight, dim = ref.to_qkv.weight, ref.heads * 16
+    assert torch.equal(attn.ane_wq, weight[:dim] * 0.25) and torch.equal(attn.ane_wk, weight[dim:2 * dim])
+    assert torch.equal(attn.ane_wq.half(), weight[:dim].half() * 0.25)
+    dense = ref.dense_bias()[0]
+    assert len(attn.query_spans) == 2
+    assert torch.equal(attn.bias_constant(1, 1)[0, :, 0], dense[1, 32:64].transpose(0, 1))
+    x = torch.rand(1, 3, 8, 16)
     with torch.no_grad():
         before = ane(x)
-        attn.ane_bias.h0_q0 += torch.randn_like(attn.ane_bias.h0_q0)  # (a row-constant shift would cancel)
-        assert (ane(x) - before).abs().max() > 1e-4  # the constant is what the attention adds
+        attn.ane_bias_h0_q0 += torch.randn_like(attn.ane_bias_h0_q0)
+        assert (ane(x) - before).abs().max() > 1e-4
 
 
-def test_ane_form_trace_is_rank4_without_index_math():
-    """At window multiples the traced graph has no gather/index op and no tensor above rank 4."""
-    ane = ane_form(copy.deepcopy(_tiny()), query_chunk=32)
+def test_ane_form_takes_the_bias_through_dense_bias():
+    """An attention module whose bias comes from elsewhere (FlashBias factors) and has no table:
+    the form reads ``dense_bias()``, so it matches the naive back-end on the same module."""
+    class FactoredBias(type(_tiny().blocks[0].attn)):
+        def dense_bias(self):
+            return (self.factor_q @ self.factor_k.transpose(-1, -2)).unsqueeze(0)
+
+    model = _tiny()
+    attn = model.blocks[0].attn
+    attn.__class__ = FactoredBias
+    del attn.relative_position_bias
+    gen = torch.Generator().manual_seed(3)
+    attn.factor_q = torch.randn(2, 64, 4, generator=gen)
+    attn.factor_k = torch.randn(2, 64, 4, generator=gen)
+    ane = ane_form(copy.deepcopy(model))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (ane(x) - model(x)).abs().max() < FORM_ATOL
+
+
+def test_image_skip_is_a_one_hot_conv_not_an_upsample():
+    """The repeat of ESC's image skip as a constant 1x1 conv: equal to repeat_channels in fp32 and
+    fp16, and the traced form has no upsampling left."""
+    from models.ane import skip_weight
+    from models.layers import repeat_channels
+
+    for scale in (2, 3, 4):
+        for dtype in (torch.float32, torch.float16):
+            x = torch.rand(2, 3, 5, 7).to(dtype)
+            got = F.conv2d(x.float(), skip_weight(scale)).to(dtype) if dtype == torch.float16 else F.conv2d(x, skip_weight(scale))
+            assert torch.equal(got, repeat_channels(x, scale * scale))
+    ane = ane_form(copy.deepcopy(_tiny()))
     ep = torch.export.export(ane, (torch.rand(1, 3, 16, 16),)).run_decompositions({})
-    ranks, index_ops = [], []
-    for node in ep.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            ranks.append(val.dim())
-        if node.op == "call_function" and any(k in str(node.target) for k in ("index", "gather", "remainder")):
-            index_ops.append(str(node.target))
-    assert max(ranks) <= 4 and not index_ops, (max(ranks), index_ops)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "upsample" in t or "interpolate" in t]
+    assert targets.count("aten.pixel_shuffle.default") == 1
+
+
+@pytest.mark.parametrize("kernel,groups", [(13, 1), (13, 16), (9, 1), (11, 4), (7, 1)])
+def test_large_kernel_pieces_are_exact(kernel, groups):
+    """A k x k convolution as 7x7 pieces: the same sums, every piece <= 7.
+
+    Tolerance: only the order of the fp32 sums changes (up to 4 partial sums added last), so
+    the error stays within a few ulp of the sum of |terms|: 1e-6 x conv(|x|, |w|).
+    """
+    from models.ane import conv_in_pieces
+
+    gen = torch.Generator().manual_seed(kernel)
+    x = torch.randn(2, 16, 20, 23, generator=gen)
+    weight = torch.randn(16, 16 // groups, kernel, kernel, generator=gen)
+    expected = F.conv2d(x, weight, padding=kernel // 2, groups=groups)
+    bound = 1e-6 * F.conv2d(x.abs(), weight.abs(), padding=kernel // 2, groups=groups)
+    assert ((conv_in_pieces(x, weight, groups=groups) - expected).abs() <= bound).all()
+    ep = torch.export.export(_Pieces(weight, groups), (x,)).run_decompositions({})
+    sides = [n.args[1].meta["val"].shape[-1] for n in ep.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert sides and max(sides) <= 7
+
+
+class _Pieces(nn.Module):
+    def __init__(self, weight: torch.Tensor, groups: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.groups = groups
+
+    def forward(self, x):
+        from models.ane import conv_in_pieces
+
+        return conv_in_pieces(x, self.weight, groups=self.groups)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (13, 21), (37, 5), (1, 1)])
+def test_mean_as_constant_weight_convs(size):
+    """The global mean as strided constant-weight convolutions (kernels <= 7, zero padding corrected)."""
+    from models.ane import ConstantWeightMean
+    from models.ane.contingency import mean_stages
+
+    x = torch.randn(2, 5, *size, generator=torch.Generator().manual_seed(0))
+    got = ConstantWeightMean()(x)
+    assert got.shape == (2, 5, 1, 1) and torch.allclose(got, x.mean((2, 3), keepdim=True), atol=1e-6)
+    stages, ph, pw = mean_stages(*size)
+    assert max(max(s) for s in stages) <= 7 and ph >= size[0] and pw >= size[1]
 
 
 def test_ane_form_refuses_what_it_cannot_do():
@@ -100,8 +227,13 @@ def test_ane_form_refuses_what_it_cannot_do():
 
         AneModel(build(ESCConfig("esc_real", 4, dim=32, pdim=16, kernel_size=7, n_blocks=1, conv_blocks=1,
                                  window_size=8, num_heads=2, exp_ratio=2.0, use_lns=True)))
-    with pytest.raises(ModelOptionError, match="query_chunk"):
-        ane_form(copy.deepcopy(_tiny()), query_chunk=0)
+    with pytest.raises(ModelOptionError, match="tensor budget must be"):
+        ane_form(copy.deepcopy(_tiny()), budget=0)
+    ane = ane_form(copy.deepcopy(_tiny()), budget=1024)
+    with pytest.raises(ModelOptionError, match="one channel of a 24x16 map"):  # 9 shifts of 16x24 = 6.8 KiB
+        ane(torch.rand(1, 3, 16, 24))
+    with pytest.raises(ModelOptionError, match="AneWindowAttention.forward"):
+        ane.model.blocks[0].attn.backend(torch.rand(1, 96, 8, 8), ane.model.blocks[0].attn)
     from models.loader import create_model
 
     with pytest.raises(ModelOptionError, match="972 MiB in fp16"):  # ESC-XL: 8 blocks x 12 heads x 2304^2 x 2 B
@@ -208,11 +340,17 @@ def test_contract_check_catches_an_output_of_the_wrong_scale(tmp_path):
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tile_package(tmp_path_factory):
-    """A tiny ESC in the ANE form, fp16, image I/O, tiles 16x16 and 24x16 (WxH): two functions."""
+    """A tiny ESC in the ANE form, fp16, image I/O, tiles 16x16 and 24x16 (WxH): two functions.
+
+    Budget 32 KiB: above the largest feature map (32 x 16 x 24 fp16 = 24 KiB), so the lint
+    passes, and small enough that scores go 4 windows at a time (6 windows: 4 + 2), the
+    FFN hidden maps and the shifts in channel groups.
+    """
     model = _tiny()
-    prepared = ce.prepare_model(model, form="ane", query_chunk=32)
+    budget = 32 * 1024
+    prepared = ce.prepare_model(model, form="ane", budget=budget)
     config = ce.CoreMLExportConfig(model="esc", scale=2, input_size=None, tiles=[(16, 16), (16, 24)],
-                                   precision="fp16", target="iOS18", image_io=True, form="ane", query_chunk=32)
+                                   precision="fp16", target="iOS18", image_io=True, form="ane", score_budget=budget)
     out = tmp_path_factory.mktemp("ane_tiles") / "tiles.mlpackage"
     return ce.convert_module(prepared, config, out, model_for_metadata=prepared), model
 
@@ -237,6 +375,30 @@ def test_every_function_matches_pytorch(tile_package):
     for h, w in [(16, 16), (16, 24)]:
         res = ce.function_parity(result.path, model, torch.rand(1, 3, h, w), "fp16")
         assert res.passed and res.name.startswith(f"tile_{w}x{h}"), res.summary()
+
+
+def test_runtimes_load_opens_every_function(tile_package):
+    """runtimes.load(package, function=...) on a multifunction package (the interpreter here, Core ML
+    on macOS); without function= the default function; sizes in messages are WIDTHxHEIGHT."""
+    from runtimes import load
+    from runtimes.base import RunnerError
+    from runtimes.coreml.interpreter import Interpreter
+
+    result, model = tile_package
+    with load(str(result.path)) as runner:
+        assert runner.function == "tile_16x16" and runner.fixed_shape == (16, 16) and runner.image_io
+    with load(str(result.path), function="tile_24x16") as runner:
+        assert runner.fixed_shape == (16, 24) and runner.describe()["functions"] == ["tile_16x16", "tile_24x16"]
+        x = torch.rand(1, 3, 16, 24)
+        with torch.no_grad():
+            assert (runner.infer(x) - model(x).clamp(0, 1)).abs().max() < threshold_for("fp16").atol
+        with pytest.raises(RunnerError, match=r"takes 24x16 inputs, got 16x16 .*other functions of the package: "
+                                              r"tile_16x16"):
+            runner.infer(torch.rand(1, 3, 16, 16))
+    with pytest.raises(RunnerError, match=r"no function 'tile_8x8'; the package has tile_16x16, tile_24x16"):
+        load(str(result.path), function="tile_8x8")
+    interp = Interpreter(load_program(result.path, function="tile_24x16"), precision="ane")
+    assert interp.image_features == {"input", "output"}  # 8-bit image I/O in ane mode, every function
 
 
 def test_fp16_tensor_io_package(tmp_path):

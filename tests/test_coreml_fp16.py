@@ -73,6 +73,9 @@ _CASES = {
     "pixel_shuffle": {"x": _RNG.standard_normal((1, 8, 2, 3)).astype(np.float32), "upscale_factor": np.int32(2)},
     "upsample_nearest_neighbor": {"x": _A, "scale_factor_height": np.float32(2), "scale_factor_width": np.float32(2)},
     "batch_norm": {"x": _A, "mean": np.zeros(3, np.float32), "variance": np.ones(3, np.float32) * 2},
+    # Its own generator: drawing from _RNG here would change every later test's random data.
+    "einsum": {"values": (_A, np.random.default_rng(7).standard_normal((2, 5, 4, 6)).astype(np.float32)),
+               "equation": "nchw,nwhu->nchu"},
 }
 
 
@@ -84,6 +87,8 @@ def _coremltools_value(op_type: str, inputs: dict):
     kwargs = {k: (list(v) if k == "values" else v) for k, v in inputs.items()}
     if op_type == "concat":
         kwargs["values"] = [inputs["values"], inputs["values"]]
+    if op_type == "einsum":
+        kwargs["values"] = tuple(inputs["values"])
     with warnings.catch_warnings(), Function({}, opset_version=None):
         warnings.simplefilter("ignore")
         out = getattr(mb, op_type)(**kwargs)
@@ -104,9 +109,11 @@ def test_kernel_matches_coremltools_value_inference(op_type):
     if expected is None:
         pytest.skip(f"coremltools has no value inference for {op_type} (checked against torch in test_coreml.py)")
     got_inputs = dict(inputs)
-    if op_type == "concat":
-        got = KERNELS[op_type](Call(MILOp("concat", "concat", {"values": [ArgRef(value=_A), ArgRef(value=_A)],
-                                                               "axis": [ArgRef(value=np.int32(1))]}, []), {}))
+    if op_type in ("concat", "einsum"):
+        values = [ArgRef(value=v) for v in (inputs["values"] if op_type == "einsum" else (_A, _A))]
+        rest = ({"equation": [ArgRef(value=inputs["equation"])]} if op_type == "einsum"
+                else {"axis": [ArgRef(value=np.int32(1))]})
+        got = KERNELS[op_type](Call(MILOp(op_type, op_type, {"values": values, **rest}, []), {}))
     else:
         got = _run(op_type, **got_inputs)
     got = got[0] if isinstance(got, list) else got
@@ -297,3 +304,76 @@ def test_profile_on_mac(tmp_path):
     assert plan["ops"] > 0 and sum(plan["ops_per_device"].values()) == plan["ops"]
     assert set(plan["ops_per_device"]) <= {"neural_engine", "gpu", "cpu", "None"}
     assert result["median_ms"] > 0 and result["load_ms"] > 0 and result["first_predict_ms"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# fp16 safety in the Core ML fp16 exports (export.coreml.safety, export.calibration)
+# --------------------------------------------------------------------------------------
+def test_calibration_pictures_default_set_and_a_folder(tmp_path):
+    from export.calibration import DEFAULT_SAMPLES, CalibrationError, calibration_pictures
+    from runtimes.imageio import Image, write_image
+
+    need("skimage", "the default calibration pictures are scikit-image's samples")
+    default = calibration_pictures(size=(24, 40))
+    assert len(default) == len(DEFAULT_SAMPLES)
+    assert all(x.shape == (1, 3, 24, 40) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.std() > 0.02
+               for x in default)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write_image(folder / "a.png", Image(np.full((10, 12, 3), 0.5, np.float32), None, "RGB", 8))
+    (folder / "notes.txt").write_text("not a picture")
+    (mine,) = calibration_pictures(folder, size=(16, 16))  # smaller than asked: edge-padded
+    assert mine.shape == (1, 3, 16, 16) and torch.allclose(mine, torch.full_like(mine, 0.5), atol=1 / 255)
+    with pytest.raises(CalibrationError, match="no calibration picture or folder"):
+        calibration_pictures(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no pictures"):
+        calibration_pictures(tmp_path / "empty")
+
+
+def _checkpoint(model: torch.nn.Module, path) -> str:
+    torch.save({"params_ema": model.state_dict()}, path)
+    return str(path)
+
+
+def test_fp16_export_rescales_layernorms_and_says_so(tmp_path):
+    """The inflated model's LayerNorm overflows fp16 on real pictures: the fp16 export rescales
+    it (exact), its summary says so, and the package passes in ``ane`` mode where the unsafe one fails."""
+    from tests.conftest import SHARED_DIR, require_path
+
+    set5 = require_path(SHARED_DIR / "data" / "Set5" / "LR_bicubic" / "X4")
+    model = _inflated_esc()
+    cfg = ce.resolve_config(None, None, _checkpoint(model, tmp_path / "inflated.pth"), input_size="16x16",
+                            calibration_images=set5, output=tmp_path / "safe.mlpackage")
+    result = ce.export_coreml(cfg)
+    safety = result.fp16_safety
+    assert safety is not None and "blocks.0.ln_proj" in safety.report.rescaled and safety.report.safe
+    row = dict(ce.summary_rows(result))["fp16 safety"]
+    assert row.startswith("fp16-safe on 5 picture(s)") and str(set5) in row and "blocks.0.ln_proj" in row
+    pictures = [to_tensor_crop(p) for p in sorted(set5.glob("*.png"))[:1]]
+    rows = {r.mode: r for r in fp16_parity(result.path, model, pictures)}
+    assert rows["ane"].passed, format_rows(list(rows.values()))
+
+
+def to_tensor_crop(path) -> torch.Tensor:
+    from runtimes.imageio import read_image, to_tensor
+
+    return to_tensor(read_image(path).rgb)[..., :16, :16].contiguous()
+
+
+def test_fp16_export_refuses_what_it_cannot_fix_naming_the_layer(tmp_path):
+    """An output convolution scaled past fp16: no exact fix, so the export is refused with its name."""
+    need("skimage", "the default calibration pictures are scikit-image's samples")
+    model = tiny_esc(seed=2)
+    with torch.no_grad():
+        model.to_img.weight.mul_(1e5)
+    cfg = ce.resolve_config(None, None, _checkpoint(model, tmp_path / "loud.pth"), input_size="16x16",
+                            output=tmp_path / "loud.mlpackage")
+    with pytest.raises(ce.CoreMLExportError, match=r"fp16 safety: .*to_img.*--precision fp32"):
+        ce.export_coreml(cfg)
+    assert not (tmp_path / "loud.mlpackage").exists()
+    fp32 = ce.resolve_config(None, None, str(tmp_path / "loud.pth"), input_size="16x16", precision="fp32",
+                             output=tmp_path / "loud32.mlpackage")
+    assert ce.export_coreml(fp32).fp16_safety is None  # fp32 exports need no fp16 safety
+    with pytest.raises(ce.CoreMLExportError, match="--calibration-images records ranges for fp16"):
+        ce.resolve_config("esc", 2, precision="fp32", calibration_images=tmp_path)

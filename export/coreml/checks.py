@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from export.common import path_size
+from runtimes.cli_args import format_size
 from runtimes.coreml.interpreter import Interpreter
 from runtimes.coreml.constexpr import COMPILE_TIME_OPS
 from runtimes.coreml.reader import MILOp, MILProgram, load_program
@@ -253,11 +254,11 @@ def _reflect_problems_by_running(program: MILProgram, pads: list[MILOp],
                 x = env[x_ref.name] if x_ref.name else x_ref.value
                 pad = env[pad_ref.name] if pad_ref.name else pad_ref.value
                 amounts = [int(v) for v in np.asarray(pad).reshape(-1)]
-                problems.extend(reflect_problems(op.name, np.asarray(x).shape, amounts, f"{h}x{w}"))
+                problems.extend(reflect_problems(op.name, np.asarray(x).shape, amounts, format_size(h, w)))
         try:
             interp.run({program.inputs[0].name: np.zeros((1, 3, h, w), np.float32)}, trace=trace)
         except Exception as exc:  # the interpreter's own reflect check raises too
-            problems.append(f"running the program at {h}x{w} to check its reflect pads failed: {exc}")
+            problems.append(f"running the program at {format_size(h, w)} to check its reflect pads failed: {exc}")
     return problems
 
 

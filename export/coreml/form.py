@@ -23,8 +23,9 @@ from torch import nn
 from export.common import resolve_weights_arg
 
 from .options import CoreMLExportConfig, CoreMLExportError
+from .safety import Fp16Safety, make_safe_for_fp16
 
-__all__ = ["ImageIO", "build_model", "export_copy", "is_rib_model", "prepare_model"]
+__all__ = ["ImageIO", "ane_options", "build_model", "export_copy", "is_rib_model", "prepare_model"]
 
 
 class ImageIO(nn.Module):
@@ -50,9 +51,12 @@ def is_rib_model(model: nn.Module) -> bool:
     return isinstance(model, RIBNetwork)
 
 
-def prepare_model(model: nn.Module, bias: str = "table", form: str = "compat",
-                  query_chunk: int | None = None) -> nn.Module:
-    """A deployed copy of an ESC (or RIB) model in the export ``form``; the caller's model is left as it was."""
+def prepare_model(model: nn.Module, bias: str = "table", form: str = "compat", **ane_options) -> nn.Module:
+    """A deployed copy of an ESC (or RIB) model in the export ``form``; the caller's model is left as it was.
+
+    ``ane_options`` go to :func:`models.ane.ane_form` (``budget``, ``large_kernel_pieces``,
+    ``mean_as_conv``) for the ANE form.
+    """
     if not hasattr(model, "attention_modules"):
         raise CoreMLExportError(f"{type(model).__name__} is not an ESC model (no attention modules)")
     prepared = copy.deepcopy(model)
@@ -63,7 +67,7 @@ def prepare_model(model: nn.Module, bias: str = "table", form: str = "compat",
         prepared.deploy(precompute_bias=True)
         return prepared.set_attention("sdpa").eval()
     if form == "ane":
-        return prepared.ane_form(query_chunk)
+        return prepared.ane_form(**ane_options)
     prepared.deploy(precompute_bias=bias == "dense")
     prepared.set_attention("coreml", bias=bias)
     return prepared.eval()
@@ -82,14 +86,28 @@ def export_copy(module: nn.Module, image_io: bool) -> nn.Module:
     return ImageIO(traced) if image_io else traced
 
 
-def build_model(cfg: CoreMLExportConfig) -> tuple[nn.Module, str | None]:
-    """The deployed model for ``cfg`` in its form, and the weights' sha256 (None for random weights).
+def ane_options(cfg: CoreMLExportConfig) -> dict:
+    """The :func:`models.ane.ane_form` options of ``cfg`` (empty for the compat form)."""
+    if cfg.form != "ane":
+        return {}
+    return {"budget": cfg.score_budget, "large_kernel_pieces": cfg.large_kernel_pieces,
+            "mean_as_conv": cfg.mean_as_conv}
+
+
+def build_model(cfg: CoreMLExportConfig) -> tuple[nn.Module, str | None, Fp16Safety | None]:
+    """The deployed model for ``cfg`` in its form, the weights' sha256 (None for random weights)
+    and, for fp16 exports, the fp16 safety report (:mod:`.safety`).
 
     Weights are read as every exporter reads them (:func:`export.common.resolve_weights_arg`:
     strict load, variant and scale checked against ``cfg.model`` / ``cfg.scale`` when
-    given); ``cfg.model`` and ``cfg.scale`` are then set to what the weights are.
+    given); ``cfg.model`` and ``cfg.scale`` are then set to what the weights are. fp16
+    safety runs on the PyTorch model before its export form is made (a rescaled LayerNorm
+    folds like any other).
     """
     model, sha = resolve_weights_arg(cfg.model, cfg.scale, cfg.weights, deploy=False)
     cfg.model = model.descriptor.variant
     cfg.scale = model.scale
-    return prepare_model(model, cfg.bias, cfg.form, cfg.query_chunk), sha
+    safety = None
+    if cfg.precision == "fp16":
+        model, safety = make_safe_for_fp16(model, cfg)
+    return prepare_model(model, cfg.bias, cfg.form, **ane_options(cfg)), sha, safety

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.ane.budget import DEFAULT_BUDGET_BYTES
 from models.attention.backends import CoreMLBackend
 from models.errors import ESCError
 from runtimes.cli_args import SizeSyntaxError, format_size
@@ -19,7 +20,7 @@ from runtimes.cli_args import parse_size as parse_cli_size
 __all__ = [
     "BIAS_MODES", "COMPRESSIONS", "FORMS", "INPUT_NAME", "IO_DTYPES", "MULTIFUNCTION_OPSETS", "OUTPUT_NAME",
     "PRECISIONS", "PRESETS", "TARGETS", "CoreMLExportConfig", "CoreMLExportError", "PackageCheckError", "PackageParityError", "Preset",
-    "default_output_path", "parse_shapes", "parse_size", "parse_tiles", "resolve_config", "shapes_text",
+    "default_output_path", "parse_budget", "parse_shapes", "parse_size", "parse_tiles", "resolve_config", "shapes_text",
 ]
 
 #: CLI target names -> the MIL opset (iOS name) they share; macOS 13/14/15 = iOS 16/17/18.
@@ -69,20 +70,29 @@ class Preset:
     paper_size: tuple[int, int]
     target: str
     precision: str
-    query_chunk: int | None
     device: str
     why: str
 
 
 PRESETS: dict[str, Preset] = {
     "m2": Preset(
-        "m2", ((128, 128), (256, 256)), (128, 128), "macOS15", "fp16", None, "Apple silicon Mac (M2)",
+        "m2", ((128, 128), (256, 256)), (128, 128), "macOS15", "fp16", "Apple silicon Mac (M2)",
         "Table 9 measured a MacBook Air M2 at 128x128; macOS 15 packages hold one static function per tile"),
     "iphone": Preset(
-        "iphone", ((128, 128), (256, 256)), (32, 32), "iOS18", "fp16", 256, "iPhone (A14 and later)",
-        "Table 9 measured an iPhone 12 at 32x32; iOS 18 packages hold one static function per tile; "
-        "queries in chunks of 256 keep each score tensor at 512 KB per window and head in fp16"),
+        "iphone", ((128, 128), (256, 256)), (32, 32), "iOS18", "fp16", "iPhone (A14 and later)",
+        "Table 9 measured an iPhone 12 at 32x32; iOS 18 packages hold one static function per tile"),
 }
+
+
+def parse_budget(text: str | int | float) -> int:
+    """``"8"`` / ``8`` (MiB) -> bytes: the ANE form's tensor budget (``--score-budget``)."""
+    try:
+        mib = float(text)
+    except (TypeError, ValueError):
+        raise CoreMLExportError(f"--score-budget takes a number of MiB (e.g. 8 or 0.5), got {text!r}") from None
+    if not mib > 0 or mib != mib or mib == float("inf"):
+        raise CoreMLExportError(f"--score-budget must be a positive number of MiB, got {text!r}")
+    return max(2, int(round(mib * 2**20)))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -147,7 +157,13 @@ class CoreMLExportConfig:
     compress: str | None = None
     bias: str = "table"
     form: str = "compat"
-    query_chunk: int | None = None
+    #: ANE form: bytes of fp16 one intermediate may take (scores, FFN maps chunked to it; the lint refuses above)
+    score_budget: int = DEFAULT_BUDGET_BYTES
+    #: ANE form contingencies (models.ane.contingency), off by default
+    large_kernel_pieces: bool = False
+    mean_as_conv: bool = False
+    #: fp16 exports: a folder of the user's pictures for the fp16 safety ranges (None: the default set)
+    calibration_images: Path | None = None
     output: Path | None = None
     preset: str | None = None
 
@@ -205,6 +221,12 @@ class CoreMLExportConfig:
         if self.form == "ane" and self.enumerated:
             raise CoreMLExportError("the ANE form has fixed shapes only (one function per tile): use --tiles, "
                                     "or --form compat for enumerated shapes")
+        if self.form != "ane" and (self.large_kernel_pieces or self.mean_as_conv):
+            raise CoreMLExportError("--large-kernel-pieces and --mean-as-conv are ANE-form rewrites: add --form ane "
+                                    "(or a --preset)")
+        if self.calibration_images is not None and self.precision != "fp16":
+            raise CoreMLExportError(f"--calibration-images records ranges for fp16 safety; this export is "
+                                    f"{self.precision}: drop the flag or export --precision fp16")
 
 
 def resolve_config(model: str | None = "esc", scale: int | None = 4, weights: str | None = None, *,
@@ -213,7 +235,9 @@ def resolve_config(model: str | None = "esc", scale: int | None = 4, weights: st
                    tiles: str | Sequence[tuple[int, int]] | None = None, paper_size: bool = False,
                    precision: str | None = None, target: str | None = None, image_io: bool | None = None,
                    io_dtype: str = "fp32", compress: str | None = None, bias: str = "table",
-                   form: str | None = None, query_chunk: int | None = None,
+                   form: str | None = None, score_budget: int = DEFAULT_BUDGET_BYTES,
+                   large_kernel_pieces: bool = False, mean_as_conv: bool = False,
+                   calibration_images: str | os.PathLike | None = None,
                    output: str | os.PathLike | None = None) -> CoreMLExportConfig:
     """Apply a preset, then explicit options (which win), and validate the result.
 
@@ -248,8 +272,9 @@ def resolve_config(model: str | None = "esc", scale: int | None = 4, weights: st
         shapes=shape_list, tiles=tile_list, precision=precision or (base.precision if base else "fp16"),
         target=target or (base.target if base else "iOS18"),
         image_io=image_io if image_io is not None else base is not None, io_dtype=io_dtype,
-        compress=compress, bias=bias, form=form or ("ane" if base else "compat"),
-        query_chunk=query_chunk if query_chunk is not None else (base.query_chunk if base else None),
+        compress=compress, bias=bias, form=form or ("ane" if base else "compat"), score_budget=score_budget,
+        large_kernel_pieces=large_kernel_pieces, mean_as_conv=mean_as_conv,
+        calibration_images=Path(calibration_images) if calibration_images else None,
         output=Path(output) if output else None, preset=preset)
     cfg.validate()
     return cfg

@@ -21,14 +21,16 @@ import torch
 from torch import nn
 
 from export.common import atomic_output
+from runtimes.cli_args import format_size
 from runtimes.metadata import ArtifactMetadata
 
 from .checks import PackageReport, check_package, inspect_package
 from .convert import convert_program, coremltools, export_program
 from .form import build_model, export_copy
-from .lint import LintReport, lint_package, source_map
+from .lint import LintReport, TraceMaps, lint_package, trace_maps
 from .metadata import apply_metadata, artifact_metadata, copy_package_metadata, function_name
 from .options import CoreMLExportConfig, CoreMLExportError, default_output_path
+from .safety import Fp16Safety
 
 __all__ = ["ExportResult", "convert_module", "export_coreml"]
 
@@ -44,6 +46,7 @@ class ExportResult:
     attention: str
     model: nn.Module | None = field(default=None, repr=False)  # the PyTorch model that was converted
     lint: LintReport | None = None  # the ANE lint, for Neural Engine targets
+    fp16_safety: Fp16Safety | None = None  # fp16 exports of ESC models (export_coreml)
 
 
 def _attention_form(report: PackageReport) -> str:
@@ -60,7 +63,7 @@ def _trace_example(module: nn.Module, cfg: CoreMLExportConfig, model: nn.Module 
     if not cfg.enumerated or size is not None:
         return torch.rand(1, 3, *(size or shapes[0]), generator=seed), None
     window = getattr(getattr(model or module, "config", None), "window_size", None) or 32
-    bad = [f"{h}x{w}" for h, w in shapes if h % window or w % window]
+    bad = [format_size(h, w) for h, w in shapes if h % window or w % window]
     if bad:
         raise CoreMLExportError(
             f"enumerated shapes must be multiples of the attention window ({window}): {', '.join(bad)}. "
@@ -72,13 +75,16 @@ def _trace_example(module: nn.Module, cfg: CoreMLExportConfig, model: nn.Module 
 
 
 def _convert_one(traced: nn.Module, cfg: CoreMLExportConfig, model: nn.Module | None, meta: ArtifactMetadata,
-                 size: tuple[int, int] | None, sources: dict[str, str]) -> Any:
-    """Trace and convert ``traced`` at one fixed ``size`` (None: the config's shape(s)), metadata applied."""
+                 size: tuple[int, int] | None, maps: dict[str, TraceMaps], function: str = "main") -> Any:
+    """Trace and convert ``traced`` at one fixed ``size`` (None: the config's shape(s)), metadata applied.
+
+    ``maps[function]`` is set to what this trace tells the lint.
+    """
     example, window = _trace_example(traced, cfg, model, size)
     shapes = [size] if size else cfg.declared_shapes
     ep = export_program(traced, example, dynamic_multiple=window,
                         max_size=(max(h for h, _ in shapes), max(w for _, w in shapes)))
-    sources.update(source_map(ep))
+    maps[function] = trace_maps(ep)
     ml = convert_program(ep, cfg, size)
     apply_metadata(ml, cfg, meta)
     return ml
@@ -97,7 +103,7 @@ def _save(ml: Any, path: Path) -> None:
 
 
 def _save_multifunction(traced: nn.Module, cfg: CoreMLExportConfig, model: nn.Module | None,
-                        meta: ArtifactMetadata, out: Path, sources: dict[str, str]) -> None:
+                        meta: ArtifactMetadata, out: Path, maps: dict[str, TraceMaps]) -> None:
     """One static function ``tile_<W>x<H>`` per tile, the first one the default."""
     ct = coremltools()
     with tempfile.TemporaryDirectory(prefix="coreml_tiles_") as scratch:
@@ -105,7 +111,7 @@ def _save_multifunction(traced: nn.Module, cfg: CoreMLExportConfig, model: nn.Mo
         first = None
         for h, w in cfg.declared_shapes:
             part = Path(scratch) / f"{function_name(h, w)}.mlpackage"
-            _save(_convert_one(traced, cfg, model, meta, (h, w), sources), part)
+            _save(_convert_one(traced, cfg, model, meta, (h, w), maps, function_name(h, w)), part)
             desc.add_function(str(part), src_function_name="main", target_function_name=function_name(h, w))
             first = first or part
         desc.default_function_name = function_name(*cfg.declared_shapes[0])
@@ -136,14 +142,14 @@ def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.
         raise CoreMLExportError(f"the output must end in .mlpackage (ML programs are packages), got {out}")
     traced = export_copy(module, cfg.image_io)
     meta = artifact_metadata(cfg, model_for_metadata, weights_sha256)
-    sources: dict[str, str] = {}
+    maps: dict[str, TraceMaps] = {}
     with atomic_output(out) as tmp:
         if cfg.multifunction:
-            _save_multifunction(traced, cfg, model_for_metadata, meta, Path(tmp), sources)
+            _save_multifunction(traced, cfg, model_for_metadata, meta, Path(tmp), maps)
         else:
-            _save(_convert_one(traced, cfg, model_for_metadata, meta, None, sources), Path(tmp))
+            _save(_convert_one(traced, cfg, model_for_metadata, meta, None, maps), Path(tmp))
         report = inspect_package(tmp, cfg.target, cfg.declared_shapes, cfg.scale)
-        lint = lint_package(tmp, sources) if cfg.ane_target else None
+        lint = lint_package(tmp, maps, cfg.score_budget) if cfg.ane_target else None
         if check:
             check_package(report)
             if lint is not None:
@@ -153,7 +159,9 @@ def convert_module(module: nn.Module, cfg: CoreMLExportConfig, output: str | os.
 
 
 def export_coreml(cfg: CoreMLExportConfig) -> ExportResult:
-    """Build the ESC model of ``cfg``, convert, check and save it; returns what was written."""
+    """Build the ESC model of ``cfg`` (fp16 exports: made fp16-safe first), convert, check and save it."""
     cfg.validate()
-    model, sha = build_model(cfg)
-    return convert_module(model, cfg, cfg.output, model_for_metadata=model, weights_sha256=sha)
+    model, sha, safety = build_model(cfg)
+    result = convert_module(model, cfg, cfg.output, model_for_metadata=model, weights_sha256=sha)
+    result.fp16_safety = safety
+    return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from export.common import human_size
+from models.ane.budget import format_bytes
 from runtimes.cli_args import format_size
 
 from .checks import MAX_RANK
@@ -48,12 +49,20 @@ def summary_rows(result: ExportResult) -> list[tuple[str, str]]:
         ("ANE lint", result.lint.summary() if result.lint else
          f"not run: not a Neural Engine target ({cfg.form} form, {cfg.precision})"),
     ]
-    function = f", function_name='{next(iter(rep.functions))}'" if cfg.multifunction else ""
+    if cfg.form == "ane":
+        rewrites = [name for name, on in (("13x13 as 7x7 pieces", cfg.large_kernel_pieces),
+                                          ("global mean as constant-weight convs", cfg.mean_as_conv)) if on]
+        rows.append(("ANE form", f"tensor budget {format_bytes(cfg.score_budget)}; contingencies: "
+                                 f"{', '.join(rewrites) if rewrites else 'off'}"))
+    if result.fp16_safety is not None:
+        rows.append(("fp16 safety", result.fp16_safety.summary()))
+    elif cfg.precision == "fp16":
+        rows.append(("fp16 safety", "not run: a module converted directly (convert_module), not an ESC export"))
+    first = next(iter(rep.functions), "main")
+    function = f", function_name='{first}'" if cfg.multifunction else ""
+    chosen = f", function='{first}'" if cfg.multifunction else ""
     rows += [
         ("use (macOS)", f"ct.models.MLModel('{result.path}'{function}).predict({{'{INPUT_NAME}': x}})['{OUTPUT_NAME}']"),
-        ("use (toolkit)", f"runtimes.coreml.Interpreter(load_program('{result.path}', function='"
-                          f"{next(iter(rep.functions))}')) (runtimes.load runs single-function packages only)"
-         if cfg.multifunction else
-         f"runtimes.load('{result.path}') (Core ML on macOS, numpy interpreter elsewhere)"),
+        ("use (toolkit)", f"runtimes.load('{result.path}'{chosen}) (Core ML on macOS, numpy interpreter elsewhere)"),
     ]
     return rows

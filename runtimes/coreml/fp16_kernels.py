@@ -8,7 +8,7 @@ kernel estimator. The Neural Engine computes in fp16 throughout, so these kernel
 
 * every intermediate value is rounded to fp16 (:func:`round16`), so any value above 65504
   becomes an infinity exactly where the device would overflow;
-* sums (convolution and matmul contractions, ``reduce_sum``/``reduce_mean``, the mean and
+* sums (convolution, matmul and einsum contractions, ``reduce_sum``/``reduce_mean``, the mean and
   variance of ``layer_norm``, the softmax denominator) use an **fp16 accumulator**: the
   terms are added in blocks of :data:`ACCUMULATION_BLOCK` (each block's products summed
   exactly enough in float32: a product of two fp16 values is exact in float32) and the
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .kernels import conv_partial_sums, reduction_axes
+from .kernels import conv_partial_sums, einsum_matmul_operands, einsum_result, reduction_axes
 from .registry import Call, Kernel, as_f32, axis_index
 
 __all__ = ["ACCUMULATION_BLOCK", "FP16_KERNELS", "matmul16", "round16", "sum16"]
@@ -168,6 +168,12 @@ def _matmul16(c: Call) -> np.ndarray:
     if c.bool("transpose_y") and y.ndim >= 2:
         y = np.swapaxes(y, -1, -2)
     return matmul16(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+
+@_fp16_kernel("einsum")
+def _einsum16(c: Call) -> np.ndarray:
+    x, y, _ = einsum_matmul_operands(c)
+    return einsum_result(matmul16(np.ascontiguousarray(x), np.ascontiguousarray(y)))
 
 
 @_fp16_kernel("scaled_dot_product_attention")

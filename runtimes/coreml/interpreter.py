@@ -91,6 +91,26 @@ class Interpreter:
         self._constants: dict[str, Any] = {}
         self._runtime_ops: list[MILOp] = []
         self._load_constants()
+        self._release = self._last_uses()
+
+    def _last_uses(self) -> list[list[str]]:
+        """For each run-time op, the values no later op reads: dropped after it runs.
+
+        Why: a full-size package computes thousands of tensors of several MB each (esc at a
+        256x256 tile held over 20 GB when every one was kept); only the live ones are needed.
+        """
+        keep = set(self.program.outputs) | set(self._constants)
+        last: dict[str, int] = {}
+        for index, op in enumerate(self._runtime_ops):
+            for name in op.input_names():
+                last[name] = index
+            for out in op.outputs:
+                last.setdefault(out.name, index)  # produced and never read: dropped at once
+        release: list[list[str]] = [[] for _ in self._runtime_ops]
+        for name, index in last.items():
+            if name not in keep:
+                release[index].append(name)
+        return release
 
     # -- constants ----------------------------------------------------------------------
     def _store(self, var: MILVar, value: Any) -> Any:
@@ -140,7 +160,8 @@ class Interpreter:
             trace: Callable[[MILOp, list[Any], dict[str, Any]], None] | None = None) -> dict[str, np.ndarray]:
         """Run the program on named inputs; returns the named outputs.
 
-        ``trace(op, outputs, env)`` is called after every run-time op (checks, debugging).
+        ``trace(op, outputs, env)`` is called after every run-time op (checks, debugging); ``env``
+        then holds the values still to be read (and this op's inputs and outputs).
         """
         env: dict[str, Any] = dict(self._constants)
         for var in self.program.inputs:
@@ -157,7 +178,7 @@ class Interpreter:
             if self.precision == "ane" and var.name in self.image_features:
                 value = quantise8(value)
             env[var.name] = self._finish(MILVar(var.name, var.dtype, None), value)
-        for op in self._runtime_ops:
+        for index, op in enumerate(self._runtime_ops):
             fn = self._kernels[op.type]
             try:
                 result = fn(Call(op, env))
@@ -174,6 +195,8 @@ class Interpreter:
                 env[var.name] = self._finish(var, value)
             if trace is not None:
                 trace(op, [env[o.name] for o in op.outputs], env)
+            for name in self._release[index]:
+                env.pop(name, None)
         outputs = {name: env[name] for name in self.program.outputs}
         if self.precision == "ane":
             outputs = {name: quantise8(v) if name in self.image_features else v for name, v in outputs.items()}

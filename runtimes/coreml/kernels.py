@@ -20,7 +20,7 @@ import numpy as np
 from .reader import DTYPES, FLOAT_TYPES, InterpreterError
 from .registry import KERNELS, Call, Kernel, as_f32, axis_index, kernel
 
-__all__ = ["CAST_DTYPES", "conv_partial_sums", "reduction_axes"]
+__all__ = ["CAST_DTYPES", "conv_partial_sums", "einsum_matmul_operands", "einsum_result", "reduction_axes"]
 
 # ``cast``'s dtype strings.
 CAST_DTYPES = {
@@ -224,6 +224,39 @@ def _matmul(c: Call) -> np.ndarray:
     if c.bool("transpose_y") and y.ndim >= 2:
         y = np.ascontiguousarray(np.swapaxes(y, -1, -2))
     return np.matmul(x, y)
+
+
+def einsum_matmul_operands(c: Call) -> tuple[np.ndarray, np.ndarray, int]:
+    """MIL ``einsum``'s one form as a batched matmul: ``(x', y', rank)`` with ``x' @ y'`` the result.
+
+    MIL defines ``einsum`` for ``nchw,nwhu->nchu`` (rank 4) and ``chw,whu->chu`` (rank 3)
+    only, under any letters: x's last axis contracts with y's axis -3, axis -2 is a batch
+    axis (broadcast where 1). Here x is moved to (..., H, C, W1) and y to (..., H, W1, W2);
+    the caller multiplies and moves the result back with :func:`einsum_result`.
+    """
+    equation = c.str("equation").replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    a, _, b = inputs.partition(",")
+    rank = len(a)
+    expected = (a[:-1] + b[-1]) if rank in (3, 4) else None
+    pattern_ok = (expected == output and len(b) == rank and b[-3] == a[-1] and b[-2] == a[-2]
+                  and (rank == 3 or b[0] == a[0]))
+    if not pattern_ok:
+        raise InterpreterError(f"einsum '{c.op.name}': equation {equation!r} is not MIL's nchw,nwhu->nchu form")
+    values = c.list("values")
+    x, y = as_f32(values[0]), as_f32(values[1])
+    return np.swapaxes(x, -3, -2), np.swapaxes(y, -3, -2), rank
+
+
+def einsum_result(product: np.ndarray) -> np.ndarray:
+    """(..., H, C, W2) -> (..., C, H, W2): the einsum's output layout."""
+    return np.ascontiguousarray(np.swapaxes(product, -3, -2))
+
+
+@kernel("einsum")
+def _einsum(c: Call) -> np.ndarray:
+    x, y, _ = einsum_matmul_operands(c)
+    return einsum_result(np.matmul(x, y))
 
 
 @kernel("scaled_dot_product_attention")

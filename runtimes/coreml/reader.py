@@ -108,7 +108,17 @@ class MILProgram:
 
     @property
     def description(self) -> Any:
+        """This function's inputs and outputs: its own entry in a multifunction package (whose
+        model-level description lists none), else the model's description."""
+        for func in self.spec.description.functions:
+            if func.name == self.function:
+                return func
         return self.spec.description
+
+    @property
+    def functions(self) -> list[str]:
+        """Every function of the package (``[function]`` for a single-function one)."""
+        return [f.name for f in self.spec.description.functions] or [self.function]
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -136,7 +146,7 @@ class MILProgram:
     def input_shapes(self) -> list[tuple[int, int]]:
         """The (H, W) input sizes the package declares: one for a fixed shape, several for
         enumerated shapes, [] for a shape range (any size in it)."""
-        feature = self.spec.description.input[0]
+        feature = self.description.input[0]
         kind = feature.type.WhichOneof("Type")
         if kind == "multiArrayType":
             arr = feature.type.multiArrayType
@@ -300,7 +310,9 @@ def load_program(path: str | os.PathLike, function: str | None = None) -> MILPro
     if function is None:
         function = spec.description.defaultFunctionName or ("main" if "main" in prog.functions else None)
     if function not in prog.functions:
-        raise InterpreterError(f"{root}: no function {function!r} (has {', '.join(prog.functions)})")
+        listed = [f.name for f in spec.description.functions] or sorted(prog.functions)
+        raise InterpreterError(f"{root}: no function {function!r}; the package has {', '.join(listed)} "
+                               f"(pass one of them as function=)")
     func = prog.functions[function]
     opset = func.opset
     block = func.block_specializations[opset]
