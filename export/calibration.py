@@ -6,22 +6,31 @@ produce, not on the weights alone. The default set is scikit-image's sample phot
 folder or files of their own (``--calibration-images DIR``), which is better: ranges from
 the pictures the app will see.
 
-Every exporter that writes fp16 can use it: :func:`calibration_pictures` returns
-(1, 3, H, W) float32 tensors in [0, 1], optionally centre-cropped (or edge-padded) to one
-size, since a fixed-shape package runs at its tile size and ranges are measured there.
+Every exporter that writes fp16 goes through :func:`guard_fp16`: pictures from
+:func:`calibration_pictures` ((1, 3, H, W) float32 in [0, 1], centre-cropped or
+edge-padded to the size the artifact runs at), :func:`models.fp16_safety.make_fp16_safe`
+on them, and an :class:`Fp16Safety` whose :meth:`~Fp16Safety.summary` is the export
+summary's row. What each format can keep in fp32 differs, so the exporter says which
+recorded quantities its graph already computes in fp32 (``fp32_quantities``); every
+other problem left after the exact LayerNorm rescaling is refused with the layer's name.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.errors import ESCError
+from models.fp16_safety import Fp16SafetyReport, Fp16UnsafeError, make_fp16_safe
+from runtimes.cli_args import format_size
 
-__all__ = ["DEFAULT_SAMPLES", "PICTURE_SUFFIXES", "CalibrationError", "calibration_pictures", "default_source"]
+__all__ = ["DEFAULT_SAMPLES", "PICTURE_SUFFIXES", "CalibrationError", "Fp16Safety", "calibration_pictures",
+           "default_source", "guard_fp16"]
 
 #: scikit-image sample photographs of the default set (``skimage.data.<name>()``).
 DEFAULT_SAMPLES = ("astronaut", "coffee", "chelsea")
@@ -93,3 +102,46 @@ def calibration_pictures(paths: str | os.PathLike | Sequence[str | os.PathLike] 
             except (OSError, ValueError) as exc:
                 raise CalibrationError(f"cannot read calibration picture {path}: {exc}") from None
     return [_fit(x, size) if size else x for x in pictures]
+
+
+@dataclass(frozen=True)
+class Fp16Safety:
+    """The safety report of one export, which pictures it was measured on, what the graph keeps in fp32."""
+
+    report: Fp16SafetyReport
+    pictures: str
+    #: problems the target's graph computes in fp32 anyway ("layer quantity"), so not refused
+    in_fp32: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """The export summary's row: what was measured and what was done."""
+        rep = self.report
+        fixed = ", ".join(rep.rescaled) if rep.rescaled else "none needed"
+        layer, quantity, value = (rep.largest(1) or [("", "", 0.0)])[0]
+        kept = f"; computed in fp32 by the graph: {', '.join(self.in_fp32)}" if self.in_fp32 else ""
+        notes = "".join(f"; {note}" for note in rep.notes)
+        return (f"fp16-safe on {rep.pictures} picture(s) ({self.pictures}), headroom x{rep.headroom:g}; "
+                f"LayerNorms rescaled: {fixed}; largest value {value:.4g} ({layer or '<model>'} {quantity})"
+                f"{kept}{notes}")
+
+
+def guard_fp16(model: nn.Module, images: str | os.PathLike | None, size: tuple[int, int],
+               fp32_quantities: Collection[str] = ()) -> tuple[nn.Module, Fp16Safety]:
+    """A copy of ``model`` that stays within fp16 on the calibration pictures, and what was found.
+
+    ``images``: the user's pictures (file or folder; None: the default set), measured at
+    ``size`` (H, W). ``fp32_quantities``: recorded quantities (``models.fp16_safety``
+    names, e.g. ``"sum before mean"``) that the exporter's graph computes in fp32; a
+    problem of another kind left after the exact rescaling raises :class:`Fp16UnsafeError`
+    naming each layer. :class:`CalibrationError` when the pictures cannot be read.
+    """
+    pictures = calibration_pictures(images, size)
+    safe, report = make_fp16_safe(model, pictures, allow_fp32=True, progress=False)
+    refused = [p for p in report.problems if p.quantity not in fp32_quantities]
+    if refused:
+        listed = "; ".join(p.describe() for p in refused)
+        raise Fp16UnsafeError(f"the model overflows fp16 on these pictures and no exact rescaling applies: {listed}.")
+    covered = tuple(f"{p.layer or '<model>'} {p.quantity}" for p in report.problems)
+    report.keep_fp32 = []     # nothing to pin: what is left is computed in fp32 by the graph itself
+    source = str(images) if images else default_source()
+    return safe, Fp16Safety(report, f"{source} at {format_size(*size)}", covered)

@@ -109,11 +109,13 @@ import numpy as np
 import torch
 
 from models.errors import ESCError
+from models.fp16_safety import Fp16UnsafeError
 
 from runtimes.cli_args import SIZE_SYNTAX, parse_size
 from runtimes.metadata import ArtifactMetadata, write_onnx_metadata
 from validation.compare import ComparisonResult, compare, threshold_for
 
+from .calibration import CalibrationError, Fp16Safety, guard_fp16
 from .common import atomic_output, format_summary, human_size
 from .onnx_attention import ATTENTION_FORMS, DEFAULT_CHUNKS, rewrite_attention
 from .verify import verify_artifact
@@ -146,6 +148,12 @@ FOLD_LIMIT_BYTES = 1 << 20
 EXTERNAL_DATA_THRESHOLD = int(1.9 * 2**30)
 EXTERNAL_DATA_MIN_TENSOR = 1024        # bytes: smaller tensors stay inside the .onnx
 DEFAULT_ARTIFACT_DIR = Path("artifacts")
+# fp16 safety of dynamic-shape exports is measured on crops of this size (H, W): a tile.
+CALIBRATION_SIZE = (128, 128)
+# What an fp16 graph of this exporter computes in fp32 (models.fp16_safety quantity names):
+# the sums of means (ReduceMean / GlobalAveragePool run in fp32, keep_fp32_math; LayerNorm
+# statistics are fp32 in the model itself). Anything else the safety check flags is refused.
+ONNX_FP32_QUANTITIES = ("sum before mean", "sum of squares")
 
 Shape = Union[Literal["dynamic"], tuple[int, int]]
 Batch = Union[Literal["dynamic"], int]
@@ -310,6 +318,7 @@ class Trace:
     example_shape: tuple[int, int, int, int]
     compact_dynamic_kernel: bool
     seconds: float
+    fp16_safety: Fp16Safety | None = None   # fp16 traces: what the safety check on pictures found
 
     def matches(self, precision: str, shape: Shape, batch: Batch) -> bool:
         return (self.precision, self.shape, self.batch) == (precision, shape, batch)
@@ -325,18 +334,48 @@ def probe_size(window: int) -> tuple[int, int]:
     return max(window - 5, 1), window + 13
 
 
+def fp16_guard(reference: "ESCBase", shape: Shape, calibration_images: str | Path | None,
+               progress: Progress | None = None) -> tuple["ESCBase", Fp16Safety]:
+    """The fp16 copy's fp32 source, made fp16-safe on pictures (:func:`export.calibration.guard_fp16`).
+
+    Measured at the fixed input size, else at ``CALIBRATION_SIZE`` (per-pixel values do not
+    depend on the size: convolutions and windows are local, and the global means whose sums
+    grow with the area run in fp32 here, :func:`keep_fp32_math`). Refuses, naming the layer,
+    a value the fp16 graph would hold that passes ``65504 / 2`` after the exact LayerNorm
+    rescaling.
+    """
+    size = CALIBRATION_SIZE if shape == "dynamic" else shape
+    if progress:
+        progress(f"checking fp16 safety on calibration pictures at {size[1]}x{size[0]}")
+    try:
+        return guard_fp16(reference, calibration_images, size, ONNX_FP32_QUANTITIES)
+    except CalibrationError as exc:
+        raise OnnxExportError(str(exc)) from None
+    except Fp16UnsafeError as exc:
+        raise OnnxExportError(f"fp16 safety: {exc} Export with --precision fp32, or check the pictures "
+                              f"(--calibration-images DIR: the pictures your app will upscale)") from None
+
+
 def trace_model(model: "ESCBase", precision: str = "fp32", shape: Shape | str = "dynamic",
                 batch: Batch | str | int = "dynamic", compact_dynamic_kernel: bool = True,
-                progress: Progress | None = None) -> Trace:
-    """``torch.export`` the prepared model (see the module docstring for the choices)."""
+                progress: Progress | None = None, calibration_images: str | Path | None = None) -> Trace:
+    """``torch.export`` the prepared model (see the module docstring for the choices).
+
+    fp16 traces are of a copy made fp16-safe first (:func:`fp16_guard`, on
+    ``calibration_images`` or the default pictures); ``trace.fp16_safety`` says what it found.
+    """
     if precision not in PRECISIONS:
         raise OnnxExportError(f"precision must be fp32 or fp16, got {precision!r}")
     shape, batch = parse_shape(shape), parse_batch(batch)
     reference = prepare_for_export(model)
     # The traced model is a copy of the reference: its precision and kernel form change,
     # while the reference stays the exact fp32 model the parity checks compare against.
-    traced = copy.deepcopy(reference) if precision == "fp16" or compact_dynamic_kernel else reference
-    traced = traced.half() if precision == "fp16" else traced
+    safety = None
+    if precision == "fp16":
+        traced, safety = fp16_guard(reference, shape, calibration_images, progress)
+        traced = traced.half()
+    else:
+        traced = copy.deepcopy(reference) if compact_dynamic_kernel else reference
     dtype = torch.float16 if precision == "fp16" else torch.float32
     window = reference.config.window_size
     h, w = example_size(window) if shape == "dynamic" else shape
@@ -361,7 +400,7 @@ def trace_model(model: "ESCBase", precision: str = "fp32", shape: Shape | str = 
             raise RuntimeError(f"torch.export failed on {reference.descriptor.variant} "
                                f"({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return Trace(program, reference, precision, shape, batch, tuple(example.shape), compact_dynamic_kernel,
-                 time.perf_counter() - start)
+                 time.perf_counter() - start, safety)
 
 
 def _dim_words(shape: Shape, batch: Batch) -> list[str]:
@@ -612,6 +651,7 @@ class ExportReport:
     seconds: dict[str, float]
     verified: ComparisonResult | None = None   # the written file, loaded through runtimes.load, vs PyTorch
     trace: Trace | None = dataclasses.field(default=None, repr=False)
+    fp16_safety: str | None = None             # fp16 exports: the safety check's summary (export.calibration)
 
     @property
     def parity(self) -> float:
@@ -653,6 +693,7 @@ class ExportReport:
             ("top ops", top),
             ("attention", self.attention_form()),
             ("parity", f"ONNX Runtime CPU vs PyTorch fp32 on {probe}: {parity}"),
+            *([("fp16 safety", self.fp16_safety)] if self.fp16_safety else []),
             ("verified", self.verified.summary() if self.verified else "not verified"),
             ("time", secs),
             ("use", f"python -m runtimes.upscale INPUT OUTPUT --artifact {self.path}"),
@@ -677,7 +718,8 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
                 fp32_io: bool = False, shape: Shape | str = "dynamic", batch: Batch | str | int = "dynamic",
                 simplify: bool = True, weights_sha256: str | None = None, *, trace: Trace | None = None,
                 compact_dynamic_kernel: bool = True, attention_form: str | None = None,
-                attention_chunks: int = DEFAULT_CHUNKS, progress: Progress | None = None) -> ExportReport:
+                attention_chunks: int = DEFAULT_CHUNKS, progress: Progress | None = None,
+                calibration_images: str | Path | None = None) -> ExportReport:
     """Export ``model`` to ``path`` (default ``artifacts/<variant>_x<s>_<attn>_op<opset>_<precision>.onnx``).
 
     ``shape``: ``"dynamic"`` (any height and width) or ``(H, W)`` / ``"HxW"``.
@@ -688,9 +730,14 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
     write opset 18 and 23 files. ``attention_form``: how attention is laid out for ONNX
     Runtime's CPU (:mod:`export.onnx_attention`; default :func:`default_attention_form`:
     ``chunked`` below opset 23, ``native`` at 23), ``attention_chunks`` query slices per
-    attention in the chunked form. Raises :class:`OnnxExportError` for bad options.
+    attention in the chunked form. ``calibration_images``: fp16 only, the pictures the
+    safety check records ranges on (:func:`fp16_guard`; default: scikit-image's samples).
+    Raises :class:`OnnxExportError` for bad options.
     """
     _check_options(opset, precision)
+    if calibration_images is not None and precision != "fp16":
+        raise OnnxExportError(f"calibration pictures record ranges for the fp16 safety check; this export is "
+                              f"{precision}: drop --calibration-images or export with --precision fp16")
     attention_form = attention_form or default_attention_form(opset)
     if attention_form not in ATTENTION_FORMS:
         raise OnnxExportError(f"attention form must be one of {', '.join(ATTENTION_FORMS)}, got {attention_form!r}")
@@ -698,7 +745,7 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
     path = Path(path) if path is not None else default_output_path(model, opset, precision)
     seconds: dict[str, float] = {}
     if trace is None:
-        trace = trace_model(model, precision, shape, batch, compact_dynamic_kernel, progress)
+        trace = trace_model(model, precision, shape, batch, compact_dynamic_kernel, progress, calibration_images)
         seconds["trace"] = trace.seconds
     elif not trace.matches(precision, shape, batch):
         raise OnnxExportError(
@@ -781,7 +828,8 @@ def export_onnx(model: "ESCBase", path: str | Path | None = None, opset: int = 1
         nodes_exported=nodes_exported, nodes=len(final.graph.node), histogram=op_histogram(final),
         removed_ops=removed, added_ops=added, simplified=simplified, simplify_note=note,
         probe_shape=tuple(probe.shape), parity_before=parity_before, parity_after=parity_after,
-        simplify_delta=delta, external_data=external, seconds=seconds, verified=verified, trace=trace)
+        simplify_delta=delta, external_data=external, seconds=seconds, verified=verified, trace=trace,
+        fp16_safety=trace.fp16_safety.summary() if trace.fp16_safety else None)
 
 
 def _proto_bytes(proto: "onnx.ModelProto") -> int:

@@ -5,6 +5,8 @@ Examples (from the repository root)::
     python export/to_onnx.py --weights ESC_DIV2K_X4.pth                      # variant and scale from the weights
     python export/to_onnx.py --model esc --scale 4 --weights official:ESC_DIV2K_X4 --opset 23
     python export/to_onnx.py --weights ESC_light_X4.pth --precision fp16 --fp32-io -o esc_light_fp16.onnx
+    python export/to_onnx.py --weights ESC_light_X4.pth --precision fp16 --calibration-images my_photos/
+        (fp16 safety ranges recorded on your own pictures; an overflow is refused, naming the layer)
     python export/to_onnx.py --weights ESC_FP_X2.pth --shape 320x240 --batch 1             # 320 wide, 240 tall
     python -m export.to_onnx --model esc_fp --scale 2                          # random weights (warned)
     python export/to_onnx.py --weights ESCRIB_DFLIP_X4.pth --opset 23            # ESC-RIB: mask-free Attention
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=ox.PRECISIONS, default="fp32", help="weights and compute (default fp32)")
     p.add_argument("--fp32-io", action="store_true",
                    help="fp16 graph with float32 input/output (Cast nodes at the boundary)")
+    p.add_argument("--calibration-images", metavar="DIR",
+                   help="fp16: a folder (or file) of your own pictures for the fp16 safety check, which records "
+                        "activation ranges on them before export (default: scikit-image's sample photographs)")
     p.add_argument("--shape", default="dynamic",
                    help="'dynamic' (default) or a fixed input size WIDTHxHEIGHT, e.g. 160x120 (160 wide, 120 tall)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                 shape=shape, batch=batch, simplify=not args.no_simplify, weights_sha256=sha,
                                 compact_dynamic_kernel=not args.exact_dynamic_kernel,
                                 attention_form=args.attention_form, attention_chunks=args.attention_chunks,
-                                progress=progress)
+                                progress=progress, calibration_images=args.calibration_images)
     if not args.no_simplify and not report.simplified:
         print(f"error: {report.simplify_note}", file=sys.stderr)
     common.print_summary("ONNX export", report.summary_rows())

@@ -91,6 +91,16 @@ MUTATIONS: tuple[Mutation, ...] = (
              "tests/test_atomic_output.py::test_two_racing_exports_leave_one_complete_package[replacing a package]"),
     Mutation("trt-native-marking-refusal", "export/trt_build.py", "    if not marked:", "    if False:",
              "tests/test_trt_path.py::test_native_marking_refuses_a_network_without_attention"),
+    Mutation("fp16-guard-refuses-nothing", "export/calibration.py",
+             "    refused = [p for p in report.problems if p.quantity not in fp32_quantities]", "    refused = []",
+             "tests/test_fp16_guard.py::test_an_output_just_past_the_limit_is_refused_by_name_and_just_inside_passes"),
+    Mutation("onnx-fp16-guard-skipped", "export/onnx_export.py",
+             "        traced, safety = fp16_guard(reference, shape, calibration_images, progress)",
+             "        traced = copy.deepcopy(reference)",
+             "tests/test_fp16_guard.py::test_onnx_fp16_export_runs_the_guard_and_says_so"),
+    Mutation("lint-first-function-only", "export/coreml/lint.py", "    for name in function_names(path):",
+             "    for name in function_names(path)[:1]:",
+             "tests/test_coreml_lint.py::test_lint_checks_every_function_of_a_multifunction_package"),
 )
 
 
