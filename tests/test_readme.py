@@ -49,6 +49,7 @@ PROGRAMS = {
     "python benchmarks/gpu_evidence.py": "benchmarks.gpu_evidence",
     "python benchmarks/profile_eager.py": "benchmarks.profile_eager",
     "python benchmarks/upscale_memory.py": "benchmarks.upscale_memory",
+    "python benchmarks/mac_evidence.py": "benchmarks.mac_evidence",
 }
 
 
