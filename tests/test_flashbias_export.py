@@ -6,7 +6,9 @@
   not the size, is under test), parity with PyTorch.
 - every artifact's metadata says ``esc.bias = flashbias rank R``;
 - the TensorRT plugin form is refused with the fix named (``--attention native``), and the
-  native form's ONNX is written by ``to_trt --dry-run`` (no TensorRT needed for that step).
+  native form's ONNX is written by ``to_trt --dry-run`` (no TensorRT needed for that step);
+- Core ML (both forms) reads the factors' product through ``dense_bias()``: a tiny FlashBias
+  package matches PyTorch through the interpreter.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import onnx
 import pytest
 import torch
 from conftest import SHARED_DIR, ArtifactCache
+from optional_deps import need
 
 from export import onnx_export as ox
 from models import load_model
@@ -97,6 +100,24 @@ def test_opset18_chunked_form_matches_pytorch(tiny_fb: Path, tmp_path: Path) -> 
         expected = model(x).numpy()
     got = ox.run_onnx(report.path, x)
     assert float(np.abs(got - expected).max()) <= TOL
+
+
+@pytest.mark.parametrize("form", ["compat", "ane"])
+def test_coreml_package_of_a_flashbias_model_matches_pytorch(tiny_fb: Path, tmp_path: Path, form: str) -> None:
+    """Core ML reads the bias through ``dense_bias()`` (the factors' product): both forms, fp32,
+    through the interpreter, within the fp32 bound of PyTorch's FlashBias forward."""
+    need("coremltools", "Core ML conversion")
+    from export import coreml as ce
+
+    cfg = ce.resolve_config(None, None, str(tiny_fb), input_size="16x16", precision="fp32", form=form,
+                            output=tmp_path / f"fb_{form}.mlpackage")
+    result = ce.export_coreml(cfg)
+    model = load_model(tiny_fb)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    res = ce.function_parity(result.path, model, x, "fp32")
+    print(f"\nFlashBias tiny model, Core ML {form} form vs PyTorch: {res.summary()}")
+    assert res.passed and res.max_abs <= TOL, res
+    assert ce.inspect_package(result.path).metadata["esc.bias"].startswith("flashbias rank")
 
 
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
