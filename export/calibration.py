@@ -28,13 +28,15 @@ from torch import nn
 from models.errors import ESCError
 from models.fp16_safety import Fp16SafetyReport, Fp16UnsafeError, make_fp16_safe
 from runtimes.cli_args import format_size
+from runtimes.datasets import IMAGE_SUFFIXES
 
 __all__ = ["DEFAULT_SAMPLES", "PICTURE_SUFFIXES", "CalibrationError", "Fp16Safety", "calibration_pictures",
            "default_source", "guard_fp16"]
 
 #: scikit-image sample photographs of the default set (``skimage.data.<name>()``).
 DEFAULT_SAMPLES = ("astronaut", "coffee", "chelsea")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: What counts as a picture in a calibration folder: the suffixes every dataset reader here accepts.
+PICTURE_SUFFIXES = IMAGE_SUFFIXES
 
 
 class CalibrationError(ESCError, ValueError):
@@ -142,6 +144,5 @@ def guard_fp16(model: nn.Module, images: str | os.PathLike | None, size: tuple[i
         listed = "; ".join(p.describe() for p in refused)
         raise Fp16UnsafeError(f"the model overflows fp16 on these pictures and no exact rescaling applies: {listed}.")
     covered = tuple(f"{p.layer or '<model>'} {p.quantity}" for p in report.problems)
-    report.keep_fp32 = []     # nothing to pin: what is left is computed in fp32 by the graph itself
     source = str(images) if images else default_source()
     return safe, Fp16Safety(report, f"{source} at {format_size(*size)}", covered)
