@@ -302,7 +302,10 @@ def default_paths() -> list[Path]:
     """Every committed model-benchmark results file (a machine block and rows), in a stable order.
 
     Other results (the serving throughput run, the upscale memory run) live beside them in
-    another shape, rows without a ``model``, and are left out.
+    another shape, rows without a ``model``, and are left out. Comparison runs (a variant
+    beside the rows it is compared with, measured in one run) live one level deeper, under
+    ``benchmarks/results/comparisons/``, which the glob does not reach: their baseline rows
+    re-measure cells the table already has, and one cell cannot hold two measurements.
     """
     def is_grid(path: Path) -> bool:
         try:
